@@ -1,0 +1,157 @@
+"""The only module that talks to torch.distributed.
+
+``init_distributed`` starts the process group of one actor group (world size = number of
+graph nodes; NCCL with one GPU per rank, gloo on CPU: the same code) and returns a
+``DistEnv``. ``Exchange`` then offers the group's few collectives:
+
+- ``all_gather(tensors)``: the per-step exchange. A dict of named per-sample tensors
+  (today the node's logits and its batch fingerprint; later edge kinds add embeddings)
+  is packed into one flat byte buffer and all-gathered in **one** collective; every
+  rank receives every node's tensors, stacked along a new leading node dimension. The
+  received tensors carry no gradient.
+- ``broadcast`` (the coordinator's batch plan, from rank 0), ``gather_objects``
+  (per-epoch metrics), ``barrier``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda but CUDA is not available here; use device=cpu (or auto)")
+        n = torch.cuda.device_count()
+        if local_rank >= n:
+            raise RuntimeError(f"local rank {local_rank} has no GPU of its own ({n} visible); one GPU per graph node is needed")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    init_method: str,
+    device: str = "auto",
+    backend: str = "auto",
+    timeout_s: float = 300.0,
+) -> DistEnv:
+    """Start this process's membership of the group. ``init_method`` is e.g.
+    ``env://`` (torchrun) or ``tcp://host:port`` (Ray actors)."""
+    dev = resolve_device(device, local_rank)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    kwargs: dict[str, Any] = {}
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # before init: NCCL binds this rank to its own GPU
+        kwargs["device_id"] = dev
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **kwargs,
+    )
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
+
+
+def env_from_torchrun() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; a plain ``python``
+    process is rank 0 of a group of 1 (a free local port is picked for its store)."""
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        return 0, 1, 0
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor) -> None:
+    if hasattr(dist, "all_gather_single"):  # torch >= 2.13: all_gather_into_tensor is deprecated
+        dist.all_gather_single(out, inp)
+    else:
+        dist.all_gather_into_tensor(out, inp)
+
+
+class Exchange:
+    """Collectives of one actor group. Works unchanged at world size 1."""
+
+    def __init__(self, env: DistEnv):
+        self.env = env
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    def all_gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One all-gather of several named tensors. Every rank must pass the same names,
+        shapes and dtypes (true by construction: same graph, same batch size). Returns each
+        name stacked over nodes: ``[M, *shape]``, detached."""
+        names = list(tensors)
+        parts = [tensors[n].detach().contiguous() for n in names]
+        flat = [p.reshape(-1).view(torch.uint8) for p in parts]
+        sizes = [f.numel() for f in flat]
+        buf = torch.cat(flat) if len(flat) > 1 else flat[0]
+        out = torch.empty(self.world_size * buf.numel(), dtype=torch.uint8, device=buf.device)
+        # Gloo only takes the concatenated layout; view it as [M, bytes] afterwards.
+        _all_gather_flat(out, buf)
+        out = out.view(self.world_size, buf.numel())
+        result, offset = {}, 0
+        for name, p, size in zip(names, parts, sizes):
+            chunk = out[:, offset : offset + size].contiguous().view(p.dtype)
+            result[name] = chunk.view(self.world_size, *p.shape)
+            offset += size
+        return result
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """In-place broadcast from ``src``; other ranks pass a buffer of the same shape."""
+        dist.broadcast(tensor, src=src)
+        return tensor
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order (on every rank)."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier()

@@ -1,0 +1,78 @@
+"""Edge gates of the knowledge transfer graph (Minami et al., ACCV 2020).
+
+A gate turns the per-sample losses of one edge ``s -> t`` into the scalar that enters
+node t's loss::
+
+    G(l) = (1/B) * sum_n w_n * l_n
+
+with the weight ``w_n`` of the table below. ``progress = k / k_end`` where k is the
+1-based global training iteration and k_end the total number of iterations.
+
+=============== ==========================================================================
+Through         1
+Cutoff          0 (the edge is absent; nodes skip computing it at all)
+Linear          k / k_end                 (alias PositiveLinear, the reimplementation's name)
+Correct         1 if the *source* node's argmax equals the label, else 0; divided by B,
+                not by the number of correct samples. On the label edge the source is the
+                one-hot label, which is always right, so Correct == Through there.
+NegativeLinear  1 - k / k_end             (reimplementation only)
+=============== ==========================================================================
+
+Gates are pure functions of explicit inputs; they hold no counters.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+from actors.registry import Registry
+
+
+class Gate(Protocol):
+    def __call__(
+        self,
+        loss: torch.Tensor,
+        *,
+        source_logits: Optional[torch.Tensor],
+        labels: torch.Tensor,
+        progress: float,
+    ) -> torch.Tensor: ...
+
+
+GATES: Registry[Gate] = Registry("gate")
+
+#: The gates the paper searches over (ASHA's choices per edge).
+PAPER_GATES = ("Through", "Cutoff", "Linear", "Correct")
+
+
+@GATES.register("Through")
+def through(loss, *, source_logits, labels, progress):
+    return loss.mean()
+
+
+@GATES.register("Cutoff")
+def cutoff(loss, *, source_logits, labels, progress):
+    return loss.new_zeros(())
+
+
+@GATES.register("Linear", "PositiveLinear")
+def linear(loss, *, source_logits, labels, progress):
+    return loss.mean() * float(progress)
+
+
+@GATES.register("NegativeLinear")
+def negative_linear(loss, *, source_logits, labels, progress):
+    return loss.mean() * (1.0 - float(progress))
+
+
+@GATES.register("Correct")
+def correct(loss, *, source_logits, labels, progress):
+    if source_logits is None:  # label edge: the one-hot source is always correct
+        return loss.mean()
+    mask = (source_logits.argmax(dim=1) == labels).to(loss.dtype)
+    return (loss * mask).sum() / loss.shape[0]
+
+
+def is_cutoff(name: str) -> bool:
+    return GATES.get(name) is cutoff

@@ -1,0 +1,148 @@
+"""One graph node's learning: its model, optimiser, incoming gated edges, and the three
+named parts of its step (forward, loss, update). No data, no distribution: the worker
+(``actors.worker``) and the single-process reference (``coordinator.sequential``) both
+drive nodes through these same methods.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from actors.checkpoint import load_model_weights
+from actors.gates import GATES
+from actors.losses import EDGE_LOSSES, label_loss
+from actors.models import build_model
+
+
+def node_seed(seed: int, index: int) -> int:
+    """Each node's initial weights depend only on the run seed and its index."""
+    return int(seed) * 1_000 + int(index)
+
+
+@dataclass
+class LrSchedule:
+    """Learning-rate factor as a function of the optimiser step (0-based), stepped every
+    iteration: linear warm-up, then multistep (milestones in epochs), cosine or constant."""
+
+    schedule: str
+    steps_per_epoch: int
+    total_steps: int
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_steps: int = 0
+
+    def __call__(self, step: int) -> float:
+        f = 1.0
+        if self.schedule == "multistep":
+            epoch = step // self.steps_per_epoch
+            f = self.gamma ** sum(epoch >= m for m in self.milestones)
+        elif self.schedule == "cosine":
+            f = 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+        if self.warmup_steps and step < self.warmup_steps:
+            f *= (step + 1) / self.warmup_steps
+        return f
+
+
+class GraphNode:
+    """Node ``index`` of a knowledge transfer graph.
+
+    Its loss at one step is, over its incoming non-Cutoff edges s -> t::
+
+        L_t = G_tt(CE(y, z_t)) + sum_{s != t} G_st(T^2 KL(p_s || p_t))     (reduction=sum, DCL)
+        L_t = G_tt(CE(y, z_t)) + mean_{s != t} G_st(...)                    (reduction=mean)
+
+    A frozen node (every incoming gate Cutoff) runs in eval mode under no_grad (so its
+    BatchNorm statistics stay those of its checkpoint) and is never stepped.
+    """
+
+    def __init__(self, index: int, graph, num_classes: int, in_channels: int, optim, epochs: int,
+                 steps_per_epoch: int, seed: int, device: torch.device):
+        self.index = index
+        self.model_name = graph.nodes[index].model
+        self.frozen = graph.is_frozen(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(node_seed(seed, index))
+            self.model = build_model(self.model_name, num_classes, in_channels)
+        ckpt: Optional[str] = graph.nodes[index].checkpoint
+        if ckpt:
+            state, _ = load_model_weights(ckpt)
+            self.model.load_state_dict(state)
+        self.model.to(device)
+        self.edges = [(s, GATES.get(g), g) for s, g in graph.incoming(index)]
+        self.edge_loss = EDGE_LOSSES.get(graph.loss)
+        self.temperature = graph.temperature
+        self.reduction = graph.reduction
+        self.optimizer = self.scheduler = None
+        if self.frozen:
+            self.model.eval()
+            self.model.requires_grad_(False)
+        else:
+            self.optimizer = torch.optim.SGD(
+                self.model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                nesterov=optim.nesterov, weight_decay=optim.weight_decay,
+            )
+            total = epochs * steps_per_epoch
+            self.lr_schedule = LrSchedule(
+                optim.schedule, steps_per_epoch, total, tuple(optim.milestones), optim.gamma,
+                int(round(optim.warmup_epochs * steps_per_epoch)),
+            )
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_schedule)
+
+    # --- the step, in named parts -----------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                return self.model(x)
+        self.model.train()
+        return self.model(x)
+
+    def loss(self, logits: torch.Tensor, all_logits: torch.Tensor, labels: torch.Tensor,
+             progress: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``all_logits``: [M, B, C] (every node's detached logits of this step). Returns the
+        node's total loss and the gated loss of each incoming edge (detached, [len(edges)])."""
+        terms, label_term, cross = [], None, []
+        for s, gate, _ in self.edges:
+            if s == self.index:
+                g = gate(label_loss(logits, labels), source_logits=None, labels=labels, progress=progress)
+                label_term = g
+            else:
+                src = all_logits[s]
+                per_sample = self.edge_loss(logits, src, temperature=self.temperature)
+                g = gate(per_sample, source_logits=src, labels=labels, progress=progress)
+                cross.append(g)
+            terms.append(g)
+        total = label_term if label_term is not None else logits.new_zeros(())
+        if cross:
+            c = torch.stack(cross).sum()
+            total = total + (c / len(cross) if self.reduction == "mean" else c)
+        return total, torch.stack([t.detach() for t in terms]) if terms else logits.new_zeros(0)
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.optimizer and state.get("optimizer"):
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])

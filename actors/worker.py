@@ -1,0 +1,200 @@
+"""What runs inside one graph node's process: setup, train one epoch, evaluate, state.
+
+The worker does not know who launched it (torchrun, or a Ray actor in a search trial):
+it is handed its rank's ``DistEnv`` and ``Exchange`` and the already-validated config.
+One training step of node t (of M), each part named as in the design:
+
+1. batch     rows k of the coordinator's epoch plan -> identical augmented batch on every node
+2. forward   logits_t
+3. exchange  one all-gather of {logits, batch fingerprint} -> every node's logits [M, B, C]
+4. loss      sum over incoming edges s->t of gate(loss_edge(p_s, logits_t, y), progress)
+5. update    backward + optimiser step, locally (no gradient crosses processes)
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from actors.checkpoint import atomic_save
+from actors.data import Dataset, Split, augment, to_float
+from actors.exchange import DistEnv, Exchange
+from actors.node import GraphNode
+from coordinator.batch_order import DX, DY, FLIP, PERM, BatchOrder, batch_fingerprint
+from coordinator.errors import BatchMismatchError
+
+
+class BatchMaker:
+    """Turns plan rows into the float batch a node trains on (same on every node)."""
+
+    def __init__(self, split: Split, crop_pad: int, mean: Optional[torch.Tensor], std: Optional[torch.Tensor]):
+        self.split, self.pad, self.mean, self.std = split, crop_pad, mean, std
+
+    def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = rows[:, PERM]
+        x = to_float(self.split.x[idx])
+        x = augment(x, rows[:, DY : DX + 1], rows[:, FLIP].bool(), self.pad)
+        if self.mean is not None:
+            x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        return x, self.split.y[idx]
+
+
+def build_batch_maker(cfg, data: Dataset, device: torch.device) -> BatchMaker:
+    mean = std = None
+    if cfg.dataset.normalize:
+        mean = torch.tensor(data.info.mean, device=device)
+        std = torch.tensor(data.info.std, device=device)
+    return BatchMaker(data.train, cfg.dataset.crop_pad, mean, std)
+
+
+def build_batch_order(cfg, data: Dataset) -> BatchOrder:
+    return BatchOrder(len(data.train), cfg.train.batch_size, cfg.seed, cfg.dataset.crop_pad, cfg.dataset.flip)
+
+
+def build_node(cfg, data: Dataset, index: int, steps_per_epoch: int, device: torch.device) -> GraphNode:
+    return GraphNode(index, cfg.graph, data.info.num_classes, data.info.in_channels, cfg.optim,
+                     cfg.train.epochs, steps_per_epoch, cfg.seed, device)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, split: Split, batch_size: int, batch_maker: BatchMaker) -> torch.Tensor:
+    """Logits of a whole split in eval mode, without augmentation."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    for i in range(0, len(split), batch_size):
+        x = to_float(split.x[i : i + batch_size])
+        if batch_maker.mean is not None:
+            x = (x - batch_maker.mean.view(1, -1, 1, 1)) / batch_maker.std.view(1, -1, 1, 1)
+        outs.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(outs)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(1) == y).float().mean().item() * 100.0
+
+
+class NodeWorker:
+    """Graph node ``env.rank`` of a group of ``env.world_size`` processes."""
+
+    def __init__(self, cfg, env: DistEnv, exchange: Exchange, data: Dataset, run_dir: Optional[str]):
+        self.cfg, self.env, self.exchange = cfg, env, exchange
+        self.index = env.rank
+        self.device = env.device
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.data = data.to(self.device)
+        self.order = build_batch_order(cfg, data)
+        self.steps_per_epoch = self.order.steps_per_epoch
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.batches = build_batch_maker(cfg, self.data, self.device)
+        self.node = build_node(cfg, self.data, self.index, self.steps_per_epoch, self.device)
+        self.step = 0  # global optimiser steps taken so far (k - 1 for the next step k)
+        self.epoch = 0
+
+    # --- training -------------------------------------------------------------------------------
+
+    def _epoch_plan(self, epoch: int) -> torch.Tensor:
+        """Rank 0 draws the plan; everyone receives its copy (one broadcast per epoch)."""
+        if self.index == 0:
+            plan = self.order.epoch_plan(epoch).to(self.device)
+        else:
+            plan = torch.empty(self.order.num_samples, 4, dtype=torch.int64, device=self.device)
+        return self.exchange.broadcast(plan, src=0)
+
+    def _check_batch(self, fingerprints: torch.Tensor) -> None:
+        bad = [i for i in range(fingerprints.shape[0]) if not torch.equal(fingerprints[i], fingerprints[0])]
+        if bad:
+            raise BatchMismatchError(
+                f"node(s) {bad} hold a different batch than node 0 at step {self.step + 1} "
+                f"(fingerprints {fingerprints.tolist()}); a node has drifted from the coordinator's "
+                "batch order, so the run stops instead of training on mismatched batches"
+            )
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training set's plan for ``epoch``. Returns this node's metrics."""
+        cfg, node = self.cfg, self.node
+        t0 = time.perf_counter()
+        plan = self._epoch_plan(epoch)
+        loss_sum = torch.zeros((), device=self.device)
+        edge_sum = torch.zeros(len(node.edges), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        every = cfg.train.check_batch_every
+        for k in range(self.steps_per_epoch):
+            rows = self.order.batch(plan, k)
+            x, y = self.batches(rows)                                   # 1. batch
+            logits = node.forward(x)                                    # 2. forward
+            payload = {"logits": logits.detach()}
+            check = every > 0 and self.step % every == 0
+            if check:
+                payload["batch"] = batch_fingerprint(rows, x, y, self.step)
+            got = self.exchange.all_gather(payload)                     # 3. exchange
+            if check:
+                self._check_batch(got["batch"])
+            self.step += 1
+            if not node.frozen:
+                loss, terms = node.loss(logits, got["logits"], y, self.step / self.total_steps)  # 4. loss
+                node.update(loss)                                       # 5. update
+                loss_sum += loss.detach()
+                edge_sum += terms
+            correct += (logits.detach().argmax(1) == y).sum()
+            if cfg.train.log_every and self.index == 0 and self.step % cfg.train.log_every == 0:
+                print(f"  epoch {epoch + 1} step {k + 1}/{self.steps_per_epoch}", flush=True)
+        self.epoch = epoch + 1
+        n = self.steps_per_epoch
+        edges = {f"edge_{s}_to_{self.index}_{g}": v / n for (s, _, g), v in zip(node.edges, edge_sum.tolist())}
+        return {
+            "epoch": epoch + 1,
+            "node": self.index,
+            "model": node.model_name,
+            "frozen": node.frozen,
+            "train_loss": loss_sum.item() / n if not node.frozen else None,
+            "train_acc": correct.item() * 100.0 / (n * cfg.train.batch_size),
+            "lr": node.lr,
+            "train_time_s": time.perf_counter() - t0,
+            **edges,
+        }
+
+    # --- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
+        """Val and test accuracy of this node, and of the ensemble (mean softmax of all
+        nodes, through one all-gather of the eval logits)."""
+        bs = self.cfg.train.eval_batch_size
+        splits = {"val": self.data.val, "test": self.data.test}
+        logits = {k: predict(self.node.model, s, bs, self.batches) for k, s in splits.items() if s is not None}
+        every = self.exchange.all_gather(logits)
+        out: dict[str, Any] = {"val_acc": None, "ensemble_val_acc": None}
+        for k, s in splits.items():
+            if s is None:
+                continue
+            out[f"{k}_acc"] = accuracy(logits[k], s.y)
+            out[f"ensemble_{k}_acc"] = accuracy(torch.softmax(every[k].float(), dim=2).mean(0), s.y)
+        return out
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "model": self.node.model_name,
+            "num_classes": self.data.info.num_classes,
+            "in_channels": self.data.info.in_channels,
+            "dataset": self.data.name,
+            "node": self.index,
+            "frozen": self.node.frozen,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {**self.node.state_dict(), "step": self.step, "epoch": self.epoch, "meta": self.meta(),
+                "torch_rng": torch.get_rng_state()}
+
+    def save_checkpoint(self) -> Optional[str]:
+        """Write this node's checkpoint atomically to ``<run_dir>/node<i>.pt``."""
+        if self.run_dir is None:
+            return None
+        path = self.run_dir / f"node{self.index}.pt"
+        atomic_save(self.state(), path)
+        return str(path)

@@ -1,0 +1,186 @@
+"""Typed run configuration. Hydra's DictConfig is turned into these plain, picklable
+dataclasses once, at the edge (``RunConfig.from_dict``); every field is validated there,
+before any training process does work, and an error names the field and the allowed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from actors.data import DATASETS
+from coordinator.errors import ConfigError
+from coordinator.graph import GraphSpec
+
+SCHEDULES = ("multistep", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "gloo", "nccl")
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _choice(value: Any, allowed: tuple[str, ...], name: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(value: Any, name: str, integer: bool = True, allow_zero: bool = False) -> None:
+    ok_type = isinstance(value, int) and not isinstance(value, bool) if integer else isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok_type or value < 0 or (value == 0 and not allow_zero):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    """One of the registered datasets: digits, cifar10, cifar100, tiny_imagenet."""
+    root: str = "data"
+    """Folder that holds the dataset's own folder (e.g. ``data/cifar-10-batches-py``)."""
+    download: bool = False
+    """Download through torchvision when missing (CIFAR only; needs network)."""
+    val_fraction: float = 0.1
+    """Fraction of the training set held out for validation (the search's metric); 0 = none."""
+    split_seed: int = 0
+    """Seed of the train/val split, independent of the run seed."""
+    crop_pad: int = 4
+    """Reflect padding before the random crop back to the input size; 0 disables cropping."""
+    flip: bool = True
+    """Random horizontal flips."""
+    normalize: bool = False
+    """Normalise by the dataset's channel mean/std (the DCL code does not)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:
+            raise ConfigError(f"dataset.name: unknown dataset {self.name!r}; known: {', '.join(DATASETS.names())}")
+        self.name = DATASETS.canonical(self.name)
+        if not isinstance(self.val_fraction, (int, float)) or not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"dataset.val_fraction must be in [0, 1); got {self.val_fraction!r}")
+        _positive(self.crop_pad, "dataset.crop_pad", allow_zero=True)
+
+
+@dataclass
+class OptimConfig:
+    """SGD with an iteration-wise learning-rate schedule."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"
+    """multistep (x gamma at each milestone epoch), cosine (to 0 at the last step), constant."""
+    milestones: list[int] = field(default_factory=lambda: [60, 120, 180])
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    """Linear warm-up from 0 over this many epochs (0 = none)."""
+
+    def __post_init__(self) -> None:
+        _positive(self.lr, "optim.lr", integer=False)
+        _positive(self.momentum, "optim.momentum", integer=False, allow_zero=True)
+        _positive(self.weight_decay, "optim.weight_decay", integer=False, allow_zero=True)
+        _positive(self.warmup_epochs, "optim.warmup_epochs", integer=False, allow_zero=True)
+        _choice(self.schedule, SCHEDULES, "optim.schedule")
+        self.milestones = list(self.milestones or [])
+        if any(not isinstance(m, int) or m <= 0 for m in self.milestones) or self.milestones != sorted(self.milestones):
+            raise ConfigError(f"optim.milestones must be increasing positive epochs; got {self.milestones!r}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 64
+    """Per step; every node sees the same batch. The last partial batch is dropped."""
+    eval_batch_size: int = 500
+    check_batch_every: int = 1
+    """Compare every node's batch fingerprint with node 0's every N steps (0 = never)."""
+    num_threads: int = 0
+    """torch intra-op threads per process (0 = leave torch's/torchrun's default)."""
+    log_every: int = 0
+    """Print a progress line every N steps on rank 0 (0 = once per epoch only)."""
+    save_checkpoints: bool = True
+    """Write each node's checkpoint (atomically) after every epoch."""
+
+    def __post_init__(self) -> None:
+        _positive(self.epochs, "train.epochs")
+        _positive(self.batch_size, "train.batch_size")
+        _positive(self.eval_batch_size, "train.eval_batch_size")
+        _positive(self.check_batch_every, "train.check_batch_every", allow_zero=True)
+        _positive(self.num_threads, "train.num_threads", allow_zero=True)
+        _positive(self.log_every, "train.log_every", allow_zero=True)
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"
+    """wandb or none. metrics.jsonl and summary.json are written either way."""
+    mode: str = "offline"
+    """wandb mode: offline (default; ``wandb sync`` later), online, disabled."""
+    project: str = "ktg"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _choice(self.backend, LOGGERS, "logger.backend")
+        _choice(self.mode, WANDB_MODES, "logger.mode")
+
+
+@dataclass
+class RunConfig:
+    graph: GraphSpec
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl on cuda, gloo on cpu), gloo or nccl."""
+    dist_timeout_s: float = 300.0
+    """Timeout of every collective: a node that stops answering ends the group after this."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed must be an integer; got {self.seed!r}")
+        _choice(self.device, DEVICES, "device")
+        _choice(self.backend, BACKENDS, "backend")
+        if self.backend == "nccl" and self.device == "cpu":
+            raise ConfigError("backend=nccl needs device=cuda (or auto on a CUDA machine); use backend=gloo on CPU")
+        _positive(self.dist_timeout_s, "dist_timeout_s", integer=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: Optional[str] = None) -> "RunConfig":
+        """Build from a plain (resolved) mapping, e.g. ``OmegaConf.to_container(cfg, resolve=True)``.
+        Keys the trainer does not use (``hydra``, ``mode``, ...) are ignored at the top level;
+        unknown keys inside a section are an error. Relative checkpoint paths are resolved
+        against ``base_dir`` (default: the current directory)."""
+        sections = {"dataset": DatasetConfig, "optim": OptimConfig, "train": TrainConfig, "logger": LoggerConfig}
+        kwargs: dict[str, Any] = {}
+        if "graph" not in data:
+            raise ConfigError("graph is missing: choose a preset with graph=<name> (see conf/graph/)")
+        kwargs["graph"] = GraphSpec.from_dict(dict(data["graph"]))
+        kwargs["graph"].resolve_paths(base_dir or os.getcwd())
+        for key, klass in sections.items():
+            if key in data and data[key] is not None:
+                kwargs[key] = _build(klass, data[key], key)
+        for key in ("seed", "device", "backend", "dist_timeout_s"):
+            if key in data:
+                kwargs[key] = data[key]
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(klass: type, data: Any, name: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name} must be a mapping; got {data!r}")
+    allowed = [f.name for f in dataclasses.fields(klass)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    return klass(**data)

@@ -1,0 +1,151 @@
+"""The knowledge transfer graph: nodes, the M x M gate matrix, and its validation.
+
+``gates[t][s]`` is the gate of the edge ``s -> t``: rows are the *receiving* node,
+columns the *sending* node (the layout of the tables in the paper and in method.md).
+The diagonal ``gates[t][t]`` is the label edge: node t learns from the ground truth.
+A node whose whole row is Cutoff learns from nothing: it is a *frozen teacher*, loaded
+from a checkpoint and never updated. Node 0 is the target whose accuracy is reported and
+searched for; it may not be frozen.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from actors.gates import GATES, is_cutoff
+from actors.losses import EDGE_LOSSES
+from actors.models import MODELS
+from coordinator.errors import ConfigError
+
+REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class NodeSpec:
+    """One graph node."""
+
+    model: str
+    """Zoo name of the network (see ``actors.models.MODELS``)."""
+    checkpoint: Optional[str] = None
+    """Weights to start from; required for a frozen node (all incoming gates Cutoff)."""
+
+
+@dataclass
+class GraphSpec:
+    """A knowledge transfer graph; validated on construction."""
+
+    nodes: list[NodeSpec]
+    gates: list[list[str]]
+    """``gates[t][s]``: gate of edge s -> t (row = receiver); the diagonal is the label edge."""
+    name: str = "graph"
+    temperature: float = 1.0
+    """Softmax temperature T of the KL edges (loss is multiplied by T^2)."""
+    loss: str = "kl"
+    """Per-sample loss of the cross edges (``actors.losses.EDGE_LOSSES``)."""
+    reduction: str = "sum"
+    """How a node combines its incoming edges: ``sum`` (DCL) or ``mean`` (label edge plus
+    the mean of the non-Cutoff cross edges, as the reimplementation)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nodes, list) or not self.nodes:
+            raise ConfigError("graph.nodes must be a non-empty list of {model: <name>, checkpoint: <path or null>}")
+        nodes = []
+        for i, n in enumerate(self.nodes):
+            if isinstance(n, NodeSpec):
+                nodes.append(n)
+                continue
+            if isinstance(n, str):
+                n = {"model": n}
+            if not isinstance(n, dict) or "model" not in n:
+                raise ConfigError(f"graph.nodes[{i}] must be a mapping with a 'model' key, got {n!r}")
+            unknown = set(n) - {"model", "checkpoint"}
+            if unknown:
+                raise ConfigError(f"graph.nodes[{i}] has unknown keys {sorted(unknown)}; allowed: model, checkpoint")
+            nodes.append(NodeSpec(model=n["model"], checkpoint=n.get("checkpoint")))
+        self.nodes = nodes
+        m = len(nodes)
+        for i, n in enumerate(nodes):
+            if n.model not in MODELS:
+                raise ConfigError(f"graph.nodes[{i}].model: unknown model {n.model!r}; known: {', '.join(MODELS.names())}")
+            n.model = MODELS.canonical(n.model)
+        if (
+            not isinstance(self.gates, list)
+            or len(self.gates) != m
+            or any(not isinstance(row, list) or len(row) != m for row in self.gates)
+        ):
+            shape = [len(r) if isinstance(r, list) else r for r in self.gates] if isinstance(self.gates, list) else self.gates
+            raise ConfigError(
+                f"graph.gates must be a {m}x{m} matrix (one row per receiving node, one column per "
+                f"sending node, label edge on the diagonal) for {m} nodes; got rows {shape}"
+            )
+        for t, row in enumerate(self.gates):
+            for s, g in enumerate(row):
+                if g not in GATES:
+                    raise ConfigError(
+                        f"graph.gates[{t}][{s}] (edge {s} -> {t}): unknown gate {g!r}; known: {', '.join(GATES.names())}"
+                    )
+        self.gates = [[GATES.canonical(g) for g in row] for row in self.gates]
+        if self.loss not in EDGE_LOSSES:
+            raise ConfigError(f"graph.loss: unknown edge loss {self.loss!r}; known: {', '.join(EDGE_LOSSES.names())}")
+        if self.reduction not in REDUCTIONS:
+            raise ConfigError(f"graph.reduction must be one of {', '.join(REDUCTIONS)}; got {self.reduction!r}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise ConfigError(f"graph.temperature must be a number > 0; got {self.temperature!r}")
+        self.temperature = float(self.temperature)
+        if self.is_frozen(0):
+            raise ConfigError(
+                "graph.gates[0]: the target node 0 has every incoming edge Cutoff (it would be a frozen "
+                "teacher); the target must learn from at least one edge"
+            )
+        for i, n in enumerate(nodes):
+            if self.is_frozen(i) and not n.checkpoint:
+                raise ConfigError(
+                    f"graph.nodes[{i}] ({n.model}) is frozen (every gate in graph.gates[{i}] is Cutoff) "
+                    f"and so needs graph.nodes[{i}].checkpoint: a pretrained model (see README, 'Teachers')"
+                )
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.nodes)
+
+    def is_frozen(self, t: int) -> bool:
+        """A node with every incoming edge (label edge included) Cutoff never learns."""
+        return all(is_cutoff(g) for g in self.gates[t])
+
+    def incoming(self, t: int) -> list[tuple[int, str]]:
+        """The non-Cutoff edges into node t, as (source index, gate name); s == t is the label edge."""
+        return [(s, g) for s, g in enumerate(self.gates[t]) if not is_cutoff(g)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GraphSpec":
+        if not isinstance(data, dict):
+            raise ConfigError(f"graph must be a mapping, got {type(data).__name__}")
+        allowed = {"name", "nodes", "gates", "temperature", "loss", "reduction"}
+        unknown = set(data) - allowed
+        if unknown:
+            raise ConfigError(f"graph has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        for key in ("nodes", "gates"):
+            if key not in data:
+                raise ConfigError(f"graph.{key} is missing")
+        return cls(**data)
+
+    def resolve_paths(self, base: str | os.PathLike) -> None:
+        """Make checkpoint paths absolute (relative ones are relative to ``base``)."""
+        for n in self.nodes:
+            if n.checkpoint and not os.path.isabs(n.checkpoint):
+                n.checkpoint = str(Path(base) / n.checkpoint)
+
+    def describe(self) -> str:
+        """A readable one-screen picture of the graph."""
+        lines = [f"graph {self.name!r}: {self.num_nodes} nodes, T={self.temperature:g}, reduction={self.reduction}"]
+        for t, n in enumerate(self.nodes):
+            role = "target" if t == 0 else ("frozen" if self.is_frozen(t) else "")
+            inc = ", ".join(f"{'label' if s == t else s}:{g}" for s, g in self.incoming(t)) or "nothing"
+            lines.append(f"  node {t} {n.model:<9} {role:<6} learns from {inc}")
+        return "\n".join(lines)

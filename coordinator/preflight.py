@@ -1,0 +1,75 @@
+"""Checks that need the data or the checkpoints, run by every process *before* the process
+group forms, so a bad input ends every rank the same way with one clear message."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from actors.checkpoint import load_model_weights
+from actors.data import Dataset, DatasetError, load_dataset
+from actors.models import build_model
+from coordinator.config import RunConfig
+from coordinator.errors import ConfigError
+
+
+def check_world_size(cfg: RunConfig, world_size: int) -> None:
+    m = cfg.graph.num_nodes
+    if world_size != m:
+        raise ConfigError(
+            f"graph {cfg.graph.name!r} has {m} nodes but {world_size} process(es) were started: one process per node, "
+            f"so run `torchrun --standalone --nproc_per_node={m} launch.py ...`"
+        )
+
+
+def load_data(cfg: RunConfig) -> Dataset:
+    d = cfg.dataset
+    try:
+        data = load_dataset(d.name, d.root, d.val_fraction, d.split_seed, d.download)
+    except DatasetError as e:
+        raise ConfigError(f"dataset={d.name}: {e}") from e
+    if cfg.train.batch_size > len(data.train):
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the training split of {d.name} "
+            f"({len(data.train)} images after holding out dataset.val_fraction={d.val_fraction}); "
+            f"use train.batch_size <= {len(data.train)}"
+        )
+    return data
+
+
+def check_checkpoints(cfg: RunConfig, data: Dataset) -> None:
+    """Every node checkpoint exists, and matches its node's architecture and class count."""
+    for i, n in enumerate(cfg.graph.nodes):
+        if not n.checkpoint:
+            continue
+        where = f"graph.nodes[{i}].checkpoint={n.checkpoint}"
+        if not os.path.isfile(n.checkpoint):
+            raise ConfigError(
+                f"{where}: file not found. Pretrain it first (README, 'Teachers'), e.g. "
+                f"`torchrun --standalone --nproc_per_node=1 launch.py graph=teacher graph.nodes.0.model={n.model} "
+                f"dataset={data.name} hydra.run.dir=<dir>` and point at <dir>/node0.pt"
+            )
+        try:
+            state, meta = load_model_weights(n.checkpoint)
+        except Exception as e:
+            raise ConfigError(f"{where}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        if meta.get("model") and meta["model"] != n.model:
+            raise ConfigError(f"{where} holds a {meta['model']} but node {i} is a {n.model}")
+        if meta.get("num_classes") not in (None, data.info.num_classes):
+            raise ConfigError(
+                f"{where} was trained for {meta['num_classes']} classes but dataset {data.name} has {data.info.num_classes}"
+            )
+        model = build_model(n.model, data.info.num_classes, data.info.in_channels)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise ConfigError(f"{where} does not fit a {n.model} for {data.name}: {' '.join(first[:3])[:400]}") from e
+
+
+def preflight(cfg: RunConfig, world_size: int) -> Dataset:
+    """All input checks; returns the loaded (CPU) dataset for the worker to use."""
+    check_world_size(cfg, world_size)
+    data = load_data(cfg)
+    check_checkpoints(cfg, data)
+    return data

@@ -1,0 +1,103 @@
+"""Rank 0's record of a run: console lines, ``metrics.jsonl``, ``summary.json``, wandb.
+
+The only place that writes run outputs or talks to wandb (imported here, where it is used).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from actors.checkpoint import atomic_write_text
+
+log = logging.getLogger("ktg")
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "  -  " if v is None else f"{v:5.1f}"
+
+
+class RunRecorder:
+    def __init__(self, cfg, run_dir: str | Path, config_dict: dict[str, Any], wandb_name: Optional[str] = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.history: list[list[dict[str, Any]]] = []
+        self.t0 = time.perf_counter()
+        self.train_time = 0.0
+        self.wandb = None
+        atomic_write_text(json.dumps(config_dict, indent=2, default=str) + "\n", self.run_dir / "run_config.json")
+        if cfg.logger.backend == "wandb":
+            import wandb
+
+            lc = cfg.logger
+            self.wandb = wandb.init(
+                project=lc.project, entity=lc.entity, group=lc.group, tags=list(lc.tags) or None,
+                name=wandb_name or f"{cfg.graph.name}-{cfg.dataset.name}-s{cfg.seed}", dir=str(self.run_dir),
+                config=config_dict, mode=lc.mode, reinit="finish_previous",
+            )
+
+    def log_epoch(self, rows: list[dict[str, Any]]) -> None:
+        """``rows``: one metrics dict per node for the epoch just finished."""
+        self.history.append(rows)
+        self.train_time += max(r["train_time_s"] for r in rows)
+        with open(self.metrics_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        e, r0 = rows[0]["epoch"], rows[0]
+        parts = [f"n{r['node']} {r['model']}{'*' if r['frozen'] else ''} "
+                 f"loss {r['train_loss'] if r['train_loss'] is not None else float('nan'):.3f} "
+                 f"val {_fmt(r['val_acc'])} test {_fmt(r['test_acc'])}" for r in rows]
+        log.info(f"epoch {e:>3}/{self.cfg.train.epochs} | " + " | ".join(parts)
+                 + f" | ens test {_fmt(r0['ensemble_test_acc'])} | {r0['train_time_s']:.1f}s")
+        if self.wandb is not None:
+            data = {"epoch": e, "ensemble/val_acc": r0["ensemble_val_acc"], "ensemble/test_acc": r0["ensemble_test_acc"]}
+            for r in rows:
+                for k, v in r.items():
+                    if k not in ("epoch", "node", "model", "frozen") and v is not None and not k.startswith("ensemble"):
+                        data[f"node{r['node']}/{k}"] = v
+            self.wandb.log(data, step=e)
+
+    def finish(self, steps_per_epoch: int) -> dict[str, Any]:
+        last = self.history[-1]
+        nodes = []
+        for i, r in enumerate(last):
+            vals = [(rows[i]["val_acc"], rows[i]["test_acc"]) for rows in self.history if rows[i]["val_acc"] is not None]
+            best = max(vals, key=lambda v: v[0]) if vals else (None, None)
+            nodes.append({
+                "index": i, "model": r["model"], "frozen": r["frozen"],
+                "final_test_acc": r["test_acc"], "final_val_acc": r["val_acc"],
+                "best_val_acc": best[0], "test_acc_at_best_val": best[1],
+            })
+        images = steps_per_epoch * self.cfg.train.batch_size * len(self.history)
+        summary = {
+            "graph": self.cfg.graph.name,
+            "dataset": self.cfg.dataset.name,
+            "seed": self.cfg.seed,
+            "epochs": len(self.history),
+            "nodes": nodes,
+            "target_test_acc": nodes[0]["final_test_acc"],
+            "target_best_val_acc": nodes[0]["best_val_acc"],
+            "ensemble_test_acc": last[0]["ensemble_test_acc"],
+            "wall_s": time.perf_counter() - self.t0,
+            "train_s": self.train_time,
+            "images_per_s": images / self.train_time if self.train_time > 0 else None,
+        }
+        atomic_write_text(json.dumps(summary, indent=2) + "\n", self.run_dir / "summary.json")
+        log.info("final test accuracy: " + ", ".join(
+            f"node {n['index']} ({n['model']}{'*' if n['frozen'] else ''}) {n['final_test_acc']:.2f}%" for n in nodes)
+            + f"; ensemble {summary['ensemble_test_acc']:.2f}%")
+        log.info(f"wall {summary['wall_s']:.1f}s, {summary['images_per_s']:.0f} images/s; outputs in {self.run_dir}")
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in summary.items() if k != "nodes"})
+            self.wandb.finish()
+            self.wandb = None
+        return summary
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1)
+            self.wandb = None

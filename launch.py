@@ -1,0 +1,86 @@
+"""Train a knowledge transfer graph: one process per graph node.
+
+    torchrun --standalone --nproc_per_node=3 launch.py                      # 3-node graph (ktg3) on digits
+    torchrun --standalone --nproc_per_node=2 launch.py graph=dml train.epochs=10 seed=1
+    torchrun --standalone --nproc_per_node=3 launch.py graph=ktg3 dataset=cifar100 optim=paper
+    python launch.py graph=teacher graph.nodes.0.model=resnet110 hydra.run.dir=teachers/digits/resnet110
+
+Every rank runs ``train(cfg)``; node t is rank t. NCCL with one GPU per rank when CUDA is
+there, gloo on CPU. Outputs go to hydra's run dir (``runs/...``, or ``hydra.run.dir=...``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from actors.exchange import env_from_torchrun
+from coordinator.config import RunConfig
+from coordinator.errors import ConfigError
+from coordinator.run import run_node
+
+
+def _launcher_start_time() -> Optional[float]:
+    """Start time of torchrun's agent (our parent process): the same for every local rank,
+    so all ranks agree on one timestamped run directory."""
+    try:
+        ppid = os.getppid()
+        with open(f"/proc/{ppid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 of stat, counted after "pid (comm)"
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + start_ticks / os.sysconf("SC_CLK_TCK")
+    except Exception:
+        return None
+
+
+def run_id() -> str:
+    """``KTG_RUN_ID`` if set; under torchrun the agent's start time; else now."""
+    if os.environ.get("KTG_RUN_ID"):
+        return os.environ["KTG_RUN_ID"]
+    t = time.time()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        start = _launcher_start_time()
+        if start is None:
+            return os.environ["TORCHELASTIC_RUN_ID"][:12]
+        t = start
+    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(t))
+
+
+if not OmegaConf.has_resolver("ktg_run_id"):
+    OmegaConf.register_new_resolver("ktg_run_id", run_id, use_cache=True)
+
+
+def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """Validate the config and run this process's graph node. Returns the summary on rank 0."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    spec = RunConfig.from_dict(container)
+    rank, world_size, local_rank = env_from_torchrun()
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+        container.pop("hydra", None)
+    return run_node(spec, run_dir, rank, world_size, local_rank, config_dict=container)
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except ConfigError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    if int(os.environ.get("RANK", "0")) != 0:
+        # One hydra output (config, log) per run, written by rank 0; other ranks stay quiet.
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    main()
