@@ -103,6 +103,9 @@ def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor) -> None:
         dist.all_gather_into_tensor(out, inp)
 
 
+_ALIGN = 16  # bytes
+
+
 class Exchange:
     """Collectives of one actor group. Works unchanged at world size 1."""
 
@@ -123,18 +126,22 @@ class Exchange:
         name stacked over nodes: ``[M, *shape]``, detached."""
         names = list(tensors)
         parts = [tensors[n].detach().contiguous() for n in names]
-        flat = [p.reshape(-1).view(torch.uint8) for p in parts]
-        sizes = [f.numel() for f in flat]
+        flat, sizes = [], []
+        for p in parts:
+            b = p.reshape(-1).view(torch.uint8)
+            sizes.append(b.numel())
+            pad = -b.numel() % _ALIGN  # keep every tensor's offset aligned for the view back
+            flat.append(torch.cat([b, b.new_zeros(pad)]) if pad else b)
         buf = torch.cat(flat) if len(flat) > 1 else flat[0]
         out = torch.empty(self.world_size * buf.numel(), dtype=torch.uint8, device=buf.device)
         # Gloo only takes the concatenated layout; view it as [M, bytes] afterwards.
         _all_gather_flat(out, buf)
         out = out.view(self.world_size, buf.numel())
         result, offset = {}, 0
-        for name, p, size in zip(names, parts, sizes):
+        for name, p, size, f in zip(names, parts, sizes, flat):
             chunk = out[:, offset : offset + size].contiguous().view(p.dtype)
             result[name] = chunk.view(self.world_size, *p.shape)
-            offset += size
+            offset += f.numel()
         return result
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

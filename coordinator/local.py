@@ -1,0 +1,77 @@
+"""Run a whole graph on this machine from Python, without torchrun: M spawned processes,
+one per node, forming a gloo/NCCL group over a local TCP port. The same ``run_node`` as
+under torchrun; useful from notebooks and tests.
+
+    from coordinator.local import run_local
+    summary = run_local(cfg, "runs/my-run")
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue as queue_mod
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+from actors.exchange import free_port
+from coordinator.config import RunConfig
+from coordinator.errors import ConfigError
+from coordinator.preflight import check_world_size
+
+
+def _child(cfg: RunConfig, run_dir: str, rank: int, world_size: int, port: int, results) -> None:
+    from coordinator.run import run_node
+
+    try:
+        summary = run_node(cfg, run_dir, rank, world_size, rank, init_method=f"tcp://127.0.0.1:{port}")
+        results.put((rank, "ok", summary))
+    except BaseException as e:  # report, then exit non-zero
+        results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        raise SystemExit(1)
+
+
+def run_local(cfg: RunConfig, run_dir: str | Path, timeout_s: Optional[float] = None) -> dict[str, Any]:
+    """Train ``cfg.graph`` with one spawned process per node; returns rank 0's summary.
+    Raises ``RuntimeError`` naming the failed node(s) when any process fails."""
+    m = cfg.graph.num_nodes
+    check_world_size(cfg, m)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(cfg, str(run_dir), r, m, port, results), daemon=True) for r in range(m)]
+    for p in procs:
+        p.start()
+    outcomes: dict[int, tuple[str, Any]] = {}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while len(outcomes) < m:
+            try:
+                rank, status, payload = results.get(timeout=1.0)
+                outcomes[rank] = (status, payload)
+                if status == "error":
+                    break
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode is not None]
+                if dead:  # died without reporting (killed, crashed in C, ...)
+                    for r in dead:
+                        outcomes[r] = ("error", f"process exited with code {procs[r].exitcode} without reporting")
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RuntimeError(f"graph run timed out after {timeout_s}s; finished nodes: {sorted(outcomes)}")
+        for p in procs:
+            p.join(timeout=60 if len(outcomes) == m else 10)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    failed = {r: o[1] for r, o in outcomes.items() if o[0] == "error"}
+    if failed:
+        first = min(failed)
+        msg = failed[first]
+        if msg.startswith("ConfigError: "):
+            raise ConfigError(msg.split("\n", 1)[0][len("ConfigError: "):])
+        raise RuntimeError(f"node(s) {sorted(failed)} failed; node {first}: {msg}")
+    return outcomes[0][1]

@@ -1,0 +1,90 @@
+"""Every config group composes with hydra's compose API into a valid RunConfig, and bad
+values are refused with the field named."""
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import launch  # noqa: F401  (registers the run-dir resolver)
+from coordinator.config import RunConfig
+from coordinator.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    data = OmegaConf.to_container(cfg, resolve=True)
+    return RunConfig.from_dict(data)
+
+
+def test_groups_are_there():
+    assert {"digits", "cifar10", "cifar100", "tiny_imagenet"} <= set(options("dataset"))
+    assert {"independent", "kd", "dml", "ktg3", "teacher"} <= set(options("graph"))
+    assert {"paper", "cpu"} <= set(options("optim"))
+    assert {"wandb", "none"} <= set(options("logger"))
+
+
+@pytest.mark.parametrize("graph, dataset, optim, logger", list(itertools.product(
+    options("graph"), options("dataset"), options("optim"), options("logger"))))
+def test_every_combination_composes(graph, dataset, optim, logger):
+    cfg = composed(f"graph={graph}", f"dataset={dataset}", f"optim={optim}", f"logger={logger}")
+    assert cfg.graph.name == graph and cfg.dataset.name == dataset
+
+
+def test_defaults_are_the_main_job():
+    cfg = composed()
+    assert (cfg.graph.name, cfg.dataset.name, cfg.graph.num_nodes) == ("ktg3", "digits", 3)
+    assert cfg.logger.backend == "wandb" and cfg.logger.mode == "offline"
+    assert cfg.train.epochs == 20  # the CPU recipe
+
+
+def test_paper_recipe():
+    cfg = composed("optim=paper")
+    assert (cfg.optim.lr, cfg.optim.milestones, cfg.train.epochs, cfg.train.batch_size) == (0.1, [60, 120, 180], 200, 64)
+    assert cfg.optim.nesterov and cfg.optim.weight_decay == 5e-4
+
+
+def test_command_line_overrides_reach_every_field():
+    cfg = composed("train.epochs=7", "seed=3", "graph.temperature=4", "graph.nodes.1.model=wrn28_2",
+                   "optim.lr=0.2", "dataset.val_fraction=0.3")
+    assert (cfg.train.epochs, cfg.seed, cfg.graph.temperature, cfg.graph.nodes[1].model) == (7, 3, 4.0, "wrn28_2")
+    assert (cfg.optim.lr, cfg.dataset.val_fraction) == (0.2, 0.3)
+
+
+def test_kd_teacher_path_follows_the_dataset():
+    cfg = composed("graph=kd", "dataset=cifar100")
+    assert cfg.graph.nodes[1].checkpoint.endswith("teachers/cifar100/resnet110/node0.pt")
+    assert cfg.graph.is_frozen(1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=0", r"train.epochs must be an integer > 0; got 0"),
+    ("train.batch_size=-4", r"train.batch_size must be an integer > 0"),
+    ("optim.schedule=linear", r"optim.schedule must be one of multistep, cosine, constant; got 'linear'"),
+    ("optim.lr=0", r"optim.lr must be a number > 0"),
+    ("dataset.name=mnist", r"dataset.name: unknown dataset 'mnist'; known: cifar10, cifar100, digits, tiny_imagenet"),
+    ("dataset.val_fraction=1.5", r"dataset.val_fraction must be in \[0, 1\)"),
+    ("device=tpu", r"device must be one of auto, cpu, cuda; got 'tpu'"),
+    ("backend=mpi", r"backend must be one of auto, gloo, nccl; got 'mpi'"),
+    ("logger.mode=maybe", r"logger.mode must be one of offline, online, disabled"),
+    ("+train.epoch=3", r"train: unknown key\(s\) epoch; allowed: epochs, batch_size"),
+    ("graph.gates.0.1=Sometimes", r"graph.gates\[0\]\[1\] \(edge 1 -> 0\): unknown gate 'Sometimes'"),
+])
+def test_bad_values_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        composed(override)
+
+
+def test_run_config_is_picklable():
+    import pickle
+
+    cfg = composed("graph=dml")
+    assert pickle.loads(pickle.dumps(cfg)).graph.gates == cfg.graph.gates
