@@ -92,6 +92,8 @@ class NodeWorker:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.batches = build_batch_maker(cfg, self.data, self.device)
         self.node = build_node(cfg, self.data, self.index, self.steps_per_epoch, self.device)
+        # progress lines on rank 0: every train.log_every steps; by default ~5 per epoch on long epochs
+        self.log_every = cfg.train.log_every or (self.steps_per_epoch // 5 if self.steps_per_epoch >= 200 else 0)
         self.step = 0  # global optimiser steps taken so far (k - 1 for the next step k)
         self.epoch = 0
 
@@ -141,8 +143,10 @@ class NodeWorker:
                 loss_sum += loss.detach()
                 edge_sum += terms
             correct += (logits.detach().argmax(1) == y).sum()
-            if cfg.train.log_every and self.index == 0 and self.step % cfg.train.log_every == 0:
-                print(f"  epoch {epoch + 1} step {k + 1}/{self.steps_per_epoch}", flush=True)
+            if self.log_every and self.index == 0 and (k + 1) % self.log_every == 0:
+                el = time.perf_counter() - t0  # .item() below syncs with the device: only at print time
+                print(f"  epoch {epoch + 1} step {k + 1}/{self.steps_per_epoch} | loss {loss_sum.item() / (k + 1):.3f} | "
+                      f"{(k + 1) * cfg.train.batch_size / el:.0f} img/s | {el:.0f}s", flush=True)
         self.epoch = epoch + 1
         n = self.steps_per_epoch
         edges = {f"edge_{s}_to_{self.index}_{g}": v / n for (s, _, g), v in zip(node.edges, edge_sum.tolist())}

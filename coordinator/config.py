@@ -99,7 +99,7 @@ class TrainConfig:
     num_threads: int = 0
     """torch intra-op threads per process (0 = leave torch's/torchrun's default)."""
     log_every: int = 0
-    """Print a progress line every N steps on rank 0 (0 = once per epoch only)."""
+    """Progress line every N steps on rank 0 (0 = auto: ~5 per epoch when an epoch has >= 200 steps)."""
     save_checkpoints: bool = True
     """Write each node's checkpoint (atomically) after every epoch."""
 

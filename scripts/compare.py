@@ -1,0 +1,83 @@
+"""Train several graph presets over several seeds with torchrun and print the target
+node's test accuracy (mean +- std) per preset.
+
+    .venv/bin/python scripts/compare.py --graphs independent kd dml ktg3 --seeds 0 1 2
+    .venv/bin/python scripts/compare.py --graphs dml ktg3 --seeds 0 1 -- dataset=cifar100 optim=paper
+
+A ``kd`` preset needs its frozen teacher: if ``teachers/<dataset>/resnet110/node0.pt`` is
+missing it is pretrained first (graph=teacher, seed 0). Runs go to ``runs/compare/``; the
+table is printed and written to ``runs/compare/table.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = {"independent": 3, "kd": 2, "dml": 2, "ktg3": 3, "teacher": 1}
+
+
+def torchrun(nproc: int, overrides: list[str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "launch.py"), *overrides]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
+
+
+def nodes_of(graph: str) -> int:
+    if graph in NODES:
+        return NODES[graph]
+    import yaml
+
+    return len(yaml.safe_load((ROOT / "conf" / "graph" / f"{graph}.yaml").read_text())["nodes"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--graphs", nargs="+", default=["independent", "kd", "dml", "ktg3"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("overrides", nargs="*", help="hydra overrides for every run (after --)")
+    a = ap.parse_args()
+    out = ROOT / a.out
+    dataset = next((o.split("=", 1)[1] for o in a.overrides if o.startswith("dataset=")), "digits")
+    common = ["logger=none", *a.overrides]
+    if "kd" in a.graphs:
+        teacher = ROOT / "teachers" / dataset / "resnet110" / "node0.pt"
+        if not teacher.is_file():
+            print(f"pretraining the kd teacher -> {teacher}", flush=True)
+            torchrun(1, ["graph=teacher", "seed=0", f"hydra.run.dir={teacher.parent}", *common])
+    results: dict[str, list[dict]] = {}
+    for g in a.graphs:
+        for s in a.seeds:
+            run_dir = out / f"{g}-{dataset}-s{s}"
+            t = time.perf_counter()
+            if not (run_dir / "summary.json").is_file():
+                torchrun(nodes_of(g), [f"graph={g}", f"seed={s}", f"hydra.run.dir={run_dir}", *common])
+            summ = json.loads((run_dir / "summary.json").read_text())
+            results.setdefault(g, []).append(summ)
+            print(f"{g:<12} seed {s}: target {summ['target_test_acc']:.2f}%  ensemble {summ['ensemble_test_acc']:.2f}%"
+                  f"  ({time.perf_counter() - t:.0f}s)", flush=True)
+    lines = [f"Target node (node 0) test accuracy on {dataset}, seeds {a.seeds}, overrides {a.overrides or 'none'}", "",
+             "| graph | nodes | target test acc % (mean ± std) | ensemble % | wall s / run |", "|---|---|---|---|---|"]
+    for g, runs in results.items():
+        acc = [r["target_test_acc"] for r in runs]
+        ens = [r["ensemble_test_acc"] for r in runs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        models = ", ".join(n["model"] + ("*" if n["frozen"] else "") for n in runs[0]["nodes"])
+        lines.append(f"| {g} | {models} | {statistics.mean(acc):.2f} ± {sd:.2f} | {statistics.mean(ens):.2f} | "
+                     f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

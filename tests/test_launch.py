@@ -1,0 +1,54 @@
+"""End to end: the real `torchrun launch.py` command line, as a user types it."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def run(args, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_torchrun_trains_a_graph_and_writes_every_output(tmp_path):
+    r = run([TORCHRUN, "--standalone", "--nproc_per_node=2", "launch.py", "graph=dml",
+             "graph.nodes.0.model=convnet", "graph.nodes.1.model=convnet", "train.epochs=2",
+             "logger=wandb", f"hydra.run.dir={tmp_path}"])
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "final test accuracy: node 0 (convnet)" in out and "node 1 (convnet)" in out
+    assert out.count("epoch   2/2 |") == 1  # one progress line per epoch, from rank 0 only
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [n["model"] for n in summary["nodes"]] == ["convnet", "convnet"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+    assert (tmp_path / "node0.pt").is_file() and (tmp_path / "node1.pt").is_file()
+    assert (tmp_path / ".hydra" / "config.yaml").is_file() and (tmp_path / "run_config.json").is_file()
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run"
+
+
+def test_process_count_must_match_the_graph(tmp_path):
+    r = run([TORCHRUN, "--standalone", "--nproc_per_node=3", "launch.py", "graph=dml", "logger=none",
+             f"hydra.run.dir={tmp_path}"])
+    assert r.returncode != 0
+    err = r.stderr
+    assert "error: graph 'dml' has 2 nodes but 3 process(es) were started" in err
+    assert err.count("error: graph 'dml'") == 1  # said once, by rank 0
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_bad_gate_is_refused_before_training(tmp_path):
+    r = run([sys.executable, "launch.py", "graph=dml", "graph.gates.0.1=Sometimes", "logger=none",
+             f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 2
+    assert "error: graph.gates[0][1] (edge 1 -> 0): unknown gate 'Sometimes'; known: Correct, Cutoff" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_preset_lists_the_available_ones(tmp_path):
+    r = run([sys.executable, "launch.py", "graph=nope", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode != 0
+    assert "Could not find 'graph/nope'" in r.stderr and "ktg3" in r.stderr
