@@ -4,6 +4,8 @@
     torchrun --standalone --nproc_per_node=2 launch.py graph=dml train.epochs=10 seed=1
     torchrun --standalone --nproc_per_node=3 launch.py graph=ktg3 dataset=cifar100 optim=paper
     python launch.py graph=teacher graph.nodes.0.model=resnet110 hydra.run.dir=teachers/digits/resnet110
+    python launch.py mode=search search=small                              # ASHA graph search (Ray Tune)
+    torchrun --standalone --nproc_per_node=3 launch.py graph=runs/search/<exp>/best_graph.yaml
 
 Every rank runs ``train(cfg)``; node t is rank t. NCCL with one GPU per rank when CUDA is
 there, gloo on CPU. Outputs go to hydra's run dir (``runs/...``, or ``hydra.run.dir=...``).
@@ -56,6 +58,44 @@ if not OmegaConf.has_resolver("ktg_run_id"):
     OmegaConf.register_new_resolver("ktg_run_id", run_id, use_cache=True)
 
 
+MODES = ("train", "search")
+
+
+def use_graph_files(argv: list[str]) -> list[str]:
+    """``graph=<path to .yaml>`` (e.g. a search's best_graph.yaml) is registered as a graph
+    option of its own, so hydra composes it like a preset and overrides still apply."""
+    from hydra.core.config_store import ConfigStore
+
+    out = []
+    for arg in argv:
+        if arg.startswith("graph=") and arg.endswith((".yaml", ".yml")):
+            path = arg.split("=", 1)[1]
+            if not os.path.isfile(path):
+                print(f"error: graph file {path} not found", file=sys.stderr)
+                sys.exit(2)
+            name = "file_" + "".join(c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(path))[0])
+            ConfigStore.instance().store(group="graph", name=name, node=OmegaConf.load(path))
+            arg = f"graph={name}"
+        out.append(arg)
+    return out
+
+
+def search(cfg: DictConfig, out_dir: Optional[str] = None) -> dict[str, Any]:
+    """Run the Ray Tune ASHA graph search described by ``cfg.search``."""
+    from coordinator.search import run_search, search_config_from
+
+    if cfg.get("search") is None:
+        raise ConfigError("mode=search needs a search space: search=<preset> (see conf/search/: small, paper)")
+    container = OmegaConf.to_container(cfg, resolve=True)
+    space = search_config_from(container["search"])
+    space.dataset_name = container["dataset"]["name"]
+    if out_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        out_dir = HydraConfig.get().runtime.output_dir
+    return run_search(space, container, out_dir, seed=container.get("seed", 0))
+
+
 def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Optional[dict[str, Any]]:
     """Validate the config and run this process's graph node. Returns the summary on rank 0."""
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -72,7 +112,10 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Optional[dict[str, 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        train(cfg)
+        mode = cfg.get("mode", "train")
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        (search if mode == "search" else train)(cfg)
     except ConfigError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -83,4 +126,5 @@ if __name__ == "__main__":
     if int(os.environ.get("RANK", "0")) != 0:
         # One hydra output (config, log) per run, written by rank 0; other ranks stay quiet.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    sys.argv = use_graph_files(sys.argv)
     main()

@@ -24,7 +24,7 @@ from actors.data import Dataset, Split, augment, to_float
 from actors.exchange import DistEnv, Exchange
 from actors.node import GraphNode
 from coordinator.batch_order import DX, DY, FLIP, PERM, BatchOrder, batch_fingerprint
-from coordinator.errors import BatchMismatchError
+from coordinator.errors import BatchMismatchError, NonFiniteLossError
 
 
 class BatchMaker:
@@ -95,7 +95,8 @@ class NodeWorker:
         # progress lines on rank 0: every train.log_every steps; by default ~5 per epoch on long epochs
         self.log_every = cfg.train.log_every or (self.steps_per_epoch // 5 if self.steps_per_epoch >= 200 else 0)
         self.step = 0  # global optimiser steps taken so far (k - 1 for the next step k)
-        self.epoch = 0
+        self.epoch = 0  # epochs completed
+        self.first_step_at: Optional[float] = None  # wall clock (time.time) of the first step
 
     # --- training -------------------------------------------------------------------------------
 
@@ -125,6 +126,8 @@ class NodeWorker:
         edge_sum = torch.zeros(len(node.edges), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         every = cfg.train.check_batch_every
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
         for k in range(self.steps_per_epoch):
             rows = self.order.batch(plan, k)
             x, y = self.batches(rows)                                   # 1. batch
@@ -149,6 +152,7 @@ class NodeWorker:
                       f"{(k + 1) * cfg.train.batch_size / el:.0f} img/s | {el:.0f}s", flush=True)
         self.epoch = epoch + 1
         n = self.steps_per_epoch
+        self._check_finite(loss_sum, epoch)
         edges = {f"edge_{s}_to_{self.index}_{g}": v / n for (s, _, g), v in zip(node.edges, edge_sum.tolist())}
         return {
             "epoch": epoch + 1,
@@ -161,6 +165,26 @@ class NodeWorker:
             "train_time_s": time.perf_counter() - t0,
             **edges,
         }
+
+    def _check_finite(self, loss_sum: torch.Tensor, epoch: int) -> None:
+        """One scalar all-gather per epoch: if any node's loss went NaN/inf, every node
+        raises the same error (naming the node), so the whole group stops together."""
+        sums = self.exchange.all_gather({"loss": loss_sum.detach().float().reshape(1)})["loss"].view(-1)
+        bad = [i for i, v in enumerate(sums.tolist()) if v != v or v in (float("inf"), float("-inf"))]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite training loss on node(s) {bad} during epoch {epoch + 1} "
+                f"(by step {self.step}); lower optim.lr or check the graph's edges"
+            )
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch, evaluate, checkpoint: this node's row of the epoch's metrics."""
+        metrics = self.train_epoch(epoch)
+        metrics.update(self.evaluate())
+        metrics["first_step_at"] = self.first_step_at
+        if self.cfg.train.save_checkpoints:
+            self.save_checkpoint()
+        return metrics
 
     # --- evaluation -----------------------------------------------------------------------------
 
@@ -194,6 +218,13 @@ class NodeWorker:
     def state(self) -> dict[str, Any]:
         return {**self.node.state_dict(), "step": self.step, "epoch": self.epoch, "meta": self.meta(),
                 "torch_rng": torch.get_rng_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from ``state()`` of an earlier run of the same node (same config)."""
+        self.node.load_state_dict(state)
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint(self) -> Optional[str]:
         """Write this node's checkpoint atomically to ``<run_dir>/node<i>.pt``."""

@@ -8,3 +8,7 @@ class ConfigError(ValueError):
 
 class BatchMismatchError(RuntimeError):
     """A node holds a different batch than node 0 (a drifted node): the run stops."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A node's training loss became NaN or inf: the group stops (the trial fails)."""

@@ -38,11 +38,7 @@ def run_node(cfg: RunConfig, run_dir: str | Path, rank: int, world_size: int, lo
                      f"{world_size} processes, backend {env.backend}, device {env.device.type}")
             recorder = RunRecorder(cfg, run_dir, config_dict or cfg.to_dict())
         for epoch in range(cfg.train.epochs):
-            metrics = worker.train_epoch(epoch)
-            metrics.update(worker.evaluate())
-            if cfg.train.save_checkpoints:
-                worker.save_checkpoint()
-            rows = exchange.gather_objects(metrics)
+            rows = exchange.gather_objects(worker.run_epoch(epoch))
             if recorder is not None:
                 recorder.log_epoch(rows)
         summary = recorder.finish(worker.steps_per_epoch) if recorder is not None else None

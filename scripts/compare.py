@@ -31,16 +31,23 @@ def torchrun(nproc: int, overrides: list[str]) -> None:
 
 
 def nodes_of(graph: str) -> int:
+    """Node count of a preset name or of a graph file (e.g. a search's best_graph.yaml)."""
     if graph in NODES:
         return NODES[graph]
     import yaml
 
-    return len(yaml.safe_load((ROOT / "conf" / "graph" / f"{graph}.yaml").read_text())["nodes"])
+    path = Path(graph) if graph.endswith((".yaml", ".yml")) else ROOT / "conf" / "graph" / f"{graph}.yaml"
+    return len(yaml.safe_load(path.read_text())["nodes"])
+
+
+def label(graph: str) -> str:
+    return Path(graph).parent.name.split("-")[-2] + "-best" if graph.endswith((".yaml", ".yml")) else graph
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--graphs", nargs="+", default=["independent", "kd", "dml", "ktg3"])
+    ap.add_argument("--graphs", nargs="+", default=["independent", "kd", "dml", "ktg3"],
+                    help="preset names or graph files (a search's best_graph.yaml)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("overrides", nargs="*", help="hydra overrides for every run (after --)")
@@ -56,13 +63,13 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for g in a.graphs:
         for s in a.seeds:
-            run_dir = out / f"{g}-{dataset}-s{s}"
+            run_dir = out / f"{label(g)}-{dataset}-s{s}"
             t = time.perf_counter()
             if not (run_dir / "summary.json").is_file():
                 torchrun(nodes_of(g), [f"graph={g}", f"seed={s}", f"hydra.run.dir={run_dir}", *common])
             summ = json.loads((run_dir / "summary.json").read_text())
-            results.setdefault(g, []).append(summ)
-            print(f"{g:<12} seed {s}: target {summ['target_test_acc']:.2f}%  ensemble {summ['ensemble_test_acc']:.2f}%"
+            results.setdefault(label(g), []).append(summ)
+            print(f"{label(g):<12} seed {s}: target {summ['target_test_acc']:.2f}%  ensemble {summ['ensemble_test_acc']:.2f}%"
                   f"  ({time.perf_counter() - t:.0f}s)", flush=True)
     lines = [f"Target node (node 0) test accuracy on {dataset}, seeds {a.seeds}, overrides {a.overrides or 'none'}", "",
              "| graph | nodes | target test acc % (mean ± std) | ensemble % | wall s / run |", "|---|---|---|---|---|"]

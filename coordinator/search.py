@@ -1,0 +1,496 @@
+"""Graph search with Ray Tune + ASHA: each trial is one whole actor group.
+
+The search space (``SearchConfig``) covers the model of every non-target node (from a zoo)
+and the gate of each of the M x M edges; the target's model is fixed. Each trial samples a
+graph, starts M ``NodeActor``s in its placement group (``coordinator.group``), trains them
+epoch by epoch with the same ``NodeWorker`` that torchrun runs, and reports the target
+node's **validation** accuracy to ASHA once per epoch (test accuracy is never reported to
+Tune, so it cannot be used to choose). The best graph is written as a graph config that
+``torchrun launch.py graph=<file>`` retrains on any dataset.
+
+Frozen nodes: a sampled node whose incoming gates are all Cutoff is a frozen teacher. With
+``frozen: teachers`` (default) it loads ``<teachers_dir>/<model>/node0.pt``; zoo models with
+no such file are never sampled frozen. With ``frozen: exclude`` no frozen node is sampled.
+A graph with a frozen target is never trained: the random searcher resamples it; with a
+model-based searcher the trial reports 0 without training, so the searcher learns to avoid it.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ray.tune import Callback
+from ray.tune.search import Searcher
+
+from actors.gates import GATES, is_cutoff
+from actors.models import MODELS
+from coordinator.config import RunConfig, _build
+from coordinator.errors import ConfigError
+
+log = logging.getLogger("ktg")
+METRIC = "target_val_acc"
+SEARCHERS = ("random", "optuna")
+FROZEN_POLICIES = ("teachers", "exclude")
+
+
+@dataclass
+class SearchConfig:
+    name: str = "search"
+    num_nodes: int = 3
+    target_model: str = "resnet32"
+    """Node 0's model: fixed, not searched."""
+    zoo: list[str] = field(default_factory=lambda: ["resnet32", "resnet110", "wrn28_2"])
+    """Models to choose from for nodes 1..M-1."""
+    gates: list[str] = field(default_factory=lambda: ["Through", "Cutoff", "Linear", "Correct"])
+    """Gates to choose from for each of the M x M edges."""
+    frozen: str = "teachers"
+    """teachers: a frozen node loads <teachers_dir>/<model>/node0.pt; exclude: never sample one."""
+    teachers_dir: str = "teachers"
+    num_samples: int = 1500
+    """Number of trials (graphs)."""
+    max_epochs: int = 200
+    """ASHA's max_t; every trial's schedule is laid out over this many epochs."""
+    grace_period: int = 1
+    reduction_factor: int = 2
+    searcher: str = "random"
+    """random (the paper) or optuna (TPE, model-based; needs `pip install optuna`)."""
+    max_concurrent: int = 0
+    """Trials at once (0 = as many as the resources allow)."""
+    cpus_per_node: float = 1.0
+    gpus_per_node: Optional[float] = None
+    """GPUs per node actor; null = 1 if the Ray cluster has GPUs, else 0."""
+    num_cpus: Optional[int] = None
+    """Logical CPUs of a local Ray cluster (null = Ray's count); ignored with an address."""
+    address: Optional[str] = None
+    """Ray cluster address (or set RAY_ADDRESS); null starts a local cluster."""
+    storage: str = "runs/search"
+    """Where experiments are stored (one folder per experiment)."""
+    resume: Optional[str] = None
+    """Path of an interrupted experiment to continue."""
+    max_failures: int = 0
+    """Retries of a failed trial, from its last checkpoint."""
+    checkpoint_every: int = 1
+    """Save every node's state to the trial's checkpoint every N epochs (0 = never)."""
+    extra: dict[str, list] = field(default_factory=dict)
+    """Other config keys to search, dotted: {"optim.lr": [0.05, 0.1]}."""
+    dataset_name: Optional[str] = None
+    """Set by the launcher: lets an exported graph's teacher paths follow ${dataset.name}."""
+    verbose: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_nodes, int) or self.num_nodes < 1:
+            raise ConfigError(f"search.num_nodes must be an integer >= 1; got {self.num_nodes!r}")
+        for i, m in enumerate([self.target_model, *self.zoo]):
+            if m not in MODELS:
+                where = "search.target_model" if i == 0 else f"search.zoo[{i - 1}]"
+                raise ConfigError(f"{where}: unknown model {m!r}; known: {', '.join(MODELS.names())}")
+        if not self.zoo and self.num_nodes > 1:
+            raise ConfigError("search.zoo is empty: list the models the non-target nodes may use")
+        self.target_model = MODELS.canonical(self.target_model)
+        self.zoo = [MODELS.canonical(m) for m in self.zoo]
+        for i, g in enumerate(self.gates):
+            if g not in GATES:
+                raise ConfigError(f"search.gates[{i}]: unknown gate {g!r}; known: {', '.join(GATES.names())}")
+        self.gates = [GATES.canonical(g) for g in self.gates]
+        if not self.gates or all(is_cutoff(g) for g in self.gates):
+            raise ConfigError(
+                f"search.gates={self.gates} leaves no valid graph: the target node needs a non-Cutoff "
+                f"incoming edge; add one of {', '.join(g for g in GATES.names() if not is_cutoff(g))}"
+            )
+        if self.frozen not in FROZEN_POLICIES:
+            raise ConfigError(f"search.frozen must be one of {', '.join(FROZEN_POLICIES)}; got {self.frozen!r}")
+        if self.searcher not in SEARCHERS:
+            raise ConfigError(f"search.searcher must be one of {', '.join(SEARCHERS)}; got {self.searcher!r}")
+        for key in ("num_samples", "max_epochs", "grace_period"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"search.{key} must be an integer >= 1; got {v!r}")
+        if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor < 2:
+            raise ConfigError(f"search.reduction_factor must be >= 2; got {self.reduction_factor!r}")
+        if self.grace_period > self.max_epochs:
+            raise ConfigError(f"search.grace_period={self.grace_period} exceeds search.max_epochs={self.max_epochs}")
+        for key, values in self.extra.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"search.extra.{key} must be a non-empty list of values to try")
+
+    # --- the space ------------------------------------------------------------------------------
+
+    def teacher_path(self, model: str) -> str:
+        return str(Path(self.teachers_dir) / model / "node0.pt")
+
+    def can_freeze(self, model: str) -> bool:
+        return self.frozen == "teachers" and os.path.isfile(self.teacher_path(model))
+
+    def choices(self) -> dict[str, list]:
+        """The flat space: model_<i> for non-target nodes, gate_<t>_<s> per edge, extras."""
+        space: dict[str, list] = {f"model_{i}": list(self.zoo) for i in range(1, self.num_nodes)}
+        for t in range(self.num_nodes):
+            for s in range(self.num_nodes):
+                space[f"gate_{t}_{s}"] = list(self.gates)
+        for key, values in self.extra.items():
+            space[f"extra:{key}"] = list(values)
+        return space
+
+    def graph_from(self, params: dict[str, Any], name: str = "searched") -> Optional[dict[str, Any]]:
+        """The graph config a sample stands for, or None when the sample is not a valid graph
+        (frozen target, or a frozen node this policy cannot give a checkpoint)."""
+        m = self.num_nodes
+        models = [self.target_model] + [params[f"model_{i}"] for i in range(1, m)]
+        gates = [[params[f"gate_{t}_{s}"] for s in range(m)] for t in range(m)]
+        nodes = []
+        for t in range(m):
+            node: dict[str, Any] = {"model": models[t]}
+            if all(is_cutoff(g) for g in gates[t]):
+                if t == 0 or not self.can_freeze(models[t]):
+                    return None
+                node["checkpoint"] = self.teacher_path(models[t])
+            nodes.append(node)
+        return {"name": name, "nodes": nodes, "gates": gates, "temperature": 1.0, "loss": "kl", "reduction": "sum"}
+
+
+def describe_gates(gates: list[list[str]]) -> str:
+    """Compact matrix text: rows = receivers, e.g. 'T L C / X T T' (X = Cutoff, N = NegativeLinear)."""
+    short = {"Through": "T", "Cutoff": "X", "Linear": "L", "Correct": "C", "NegativeLinear": "N"}
+    return " / ".join(" ".join(short.get(g, g) for g in row) for row in gates)
+
+
+# --- random search with rejection of invalid graphs ---------------------------------------------
+
+
+class GraphRandomSearch(Searcher):
+    """Uniform random graphs (the paper's ASHA + random sampling), resampling any sample
+    that is not a valid graph; seeded, and saved with the experiment for resume."""
+
+    def __init__(self, space: SearchConfig, seed: int, metric: str = METRIC, mode: str = "max"):
+        super().__init__(metric=metric, mode=mode)
+        self.space = space
+        self.rng = random.Random(seed)
+        self.suggested = 0
+
+    def suggest(self, trial_id: str) -> Optional[dict[str, Any]]:
+        choices = self.space.choices()
+        for _ in range(100_000):
+            params = {k: self.rng.choice(v) for k, v in choices.items()}
+            if self.space.graph_from(params) is not None:
+                self.suggested += 1
+                return params
+        raise ConfigError("the search space yields no valid graph in 100000 samples (see search.gates, search.frozen)")
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"rng": self.rng.getstate(), "suggested": self.suggested}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        self.rng.setstate(state["rng"])
+        self.suggested = state["suggested"]
+
+
+# --- one trial: one actor group -------------------------------------------------------------------
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfig, experiment: str) -> None:
+    """Tune function trainable: train the sampled graph as M Ray actors, report each epoch."""
+    import torch
+    from ray import tune
+    from ray.util import get_current_placement_group
+
+    from coordinator.group import ActorGroup
+    from coordinator.recorder import RunRecorder
+
+    t_start = time.time()
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    graph = space.graph_from(params, name=f"{experiment}-{trial_id}")
+    if graph is None:  # only from a model-based searcher: report without training
+        tune.report({METRIC: 0.0, "epoch": space.max_epochs, "invalid": True})
+        return
+    cfg_dict = copy.deepcopy(base)
+    cfg_dict["graph"] = graph
+    for key, value in params.items():
+        if key.startswith("extra:"):
+            _set_dotted(cfg_dict, key[len("extra:"):], value)
+    cfg_dict.setdefault("logger", {})["group"] = experiment
+    cfg = RunConfig.from_dict(cfg_dict)
+    run_dir = ctx.get_trial_dir()
+
+    states, start = None, 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # a retried or resumed trial continues where it stopped
+        with checkpoint.as_directory() as d:
+            states = [torch.load(Path(d) / f"node{i}.pt", weights_only=False) for i in range(cfg.graph.num_nodes)]
+        start = int(states[0]["epoch"])
+
+    gpus = space.gpus_per_node
+    if gpus is None:
+        import ray
+
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    group = ActorGroup(cfg, run_dir, get_current_placement_group(), space.cpus_per_node, gpus, states)
+    recorder = RunRecorder(cfg, run_dir, cfg_dict, wandb_name=f"{experiment}-{trial_id}")
+    try:
+        for epoch in range(start, cfg.train.epochs):
+            rows = group.run_epoch(epoch)
+            recorder.log_epoch(rows)
+            metrics = {METRIC: rows[0]["val_acc"] if rows[0]["val_acc"] is not None else 0.0,
+                       "epoch": epoch + 1, "ensemble_val_acc": rows[0]["ensemble_val_acc"],
+                       "train_loss": rows[0]["train_loss"]}
+            if epoch == start:
+                metrics["launch_overhead_s"] = rows[0]["first_step_at"] - t_start
+            every = space.checkpoint_every
+            if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):
+                with tempfile.TemporaryDirectory() as d:
+                    for i, st in enumerate(group.states()):
+                        torch.save(st, Path(d) / f"node{i}.pt")
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            else:
+                tune.report(metrics)
+        recorder.finish(group.steps_per_epoch)
+    finally:
+        group.shutdown()
+        recorder.close()
+
+
+# --- the experiment --------------------------------------------------------------------------------
+
+
+class Progress(Callback):
+    """A compact line per finished trial, instead of Tune's tables."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.best = total, 0, -1.0
+
+    def _line(self, trial, status: str) -> None:
+        self.done += 1
+        r = trial.last_result or {}
+        acc = r.get(METRIC)
+        if acc is not None and not r.get("invalid"):
+            self.best = max(self.best, acc)
+        acc_s = f"{acc:.2f}" if acc is not None else "-"
+        print(f"[search] {self.done}/{self.total} trial {trial.trial_id} {status} at epoch "
+              f"{r.get('epoch', 0)}: val {acc_s} (best so far {self.best:.2f})", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trial, "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, "FAILED")
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _init_ray(space: SearchConfig) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if ray.is_initialized():
+        return
+    address = space.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=space.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _base_dict(base: dict[str, Any]) -> dict[str, Any]:
+    """The run config every trial starts from, with paths made absolute (Tune changes the
+    working directory of trials)."""
+    base = copy.deepcopy(base)
+    for key in ("hydra", "search", "mode", "graph"):
+        base.pop(key, None)
+    ds = base.setdefault("dataset", {})
+    ds["root"] = os.path.abspath(ds.get("root", "data"))
+    return base
+
+
+def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
+    """Run (or resume) the search; write the best graph and the trial table into the
+    experiment folder; return a summary."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    base = _base_dict(base)
+    base.setdefault("train", {})["epochs"] = space.max_epochs
+    RunConfig.from_dict({**base, "graph": {"nodes": [space.target_model], "gates": [["Through"]]}})  # validate early
+    space = copy.deepcopy(space)
+    space.teachers_dir = os.path.abspath(space.teachers_dir)
+    missing = [m for m in space.zoo if not space.can_freeze(m)]
+    if space.frozen == "teachers" and missing:
+        log.info(f"[search] no teacher checkpoint for {missing} under {space.teachers_dir}: those are never sampled frozen")
+    out_dir = Path(out_dir).resolve()
+    experiment = out_dir.name
+    _init_ray(space)
+
+    trainable = tune.with_parameters(graph_trial, base=base, space=space, experiment=experiment)
+    gpus = space.gpus_per_node
+    if gpus is None:
+        import ray
+
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    bundles = [{"CPU": 1}] + [{"CPU": space.cpus_per_node, "GPU": gpus}] * space.num_nodes
+    trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
+
+    if space.resume:
+        path = str(Path(space.resume).resolve())
+        if not tune.Tuner.can_restore(path):
+            raise ConfigError(f"search.resume={space.resume}: no Tune experiment to resume there")
+        log.info(f"[search] resuming {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        out_dir = Path(path)
+    else:
+        if space.searcher == "random":
+            search_alg, param_space = GraphRandomSearch(space, seed), {}
+        else:
+            try:
+                from ray.tune.search.optuna import OptunaSearch
+            except ImportError as e:
+                raise ConfigError("search.searcher=optuna needs optuna: pip install optuna") from e
+            search_alg = OptunaSearch(seed=seed)
+            param_space = {k: tune.choice(v) for k, v in space.choices().items()}
+        if space.max_concurrent:
+            from ray.tune.search import ConcurrencyLimiter
+
+            search_alg = ConcurrencyLimiter(search_alg, max_concurrent=space.max_concurrent)
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
+                                  reduction_factor=space.reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=search_alg,
+                                        num_samples=space.num_samples, trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=experiment, storage_path=str(out_dir.parent), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[Progress(space.num_samples)] if space.verbose else [],
+            ),
+        )
+    t0 = time.time()
+    grid = tuner.fit()
+    return write_results(grid, space, out_dir, time.time() - t0)
+
+
+def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> dict[str, Any]:
+    """trials.csv (every trial), best_graph.yaml, search_summary.json."""
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        cfg = r.config or {}
+        graph = space.graph_from(cfg) if cfg else None
+        epochs = int(df["epoch"].max()) if df is not None and "epoch" in df and len(df) else 0
+        invalid = bool(r.metrics.get("invalid")) if r.metrics else False
+        vals = df[METRIC].tolist() if df is not None and METRIC in df else []
+        if r.error is not None:
+            status = f"failed: {type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:160]}" if str(r.error).strip() else "failed"
+        elif invalid:
+            status = "invalid graph (not trained)"
+        elif epochs < space.max_epochs:
+            status = "stopped by ASHA"
+        else:
+            status = "completed"
+        overhead = df["launch_overhead_s"].dropna().tolist() if df is not None and "launch_overhead_s" in df else []
+        rows.append({
+            "trial": Path(r.path).name if r.path else "?",
+            "models": ", ".join(n["model"] + ("*" if "checkpoint" in n else "") for n in graph["nodes"]) if graph else "",
+            "gates": describe_gates(graph["gates"]) if graph else "",
+            "extra": json.dumps({k[6:]: v for k, v in cfg.items() if k.startswith("extra:")}) if cfg else "",
+            "epochs": epochs,
+            "last_val_acc": round(vals[-1], 3) if vals else None,
+            "best_val_acc": round(max(vals), 3) if vals else None,
+            "status": status,
+            "launch_overhead_s": round(overhead[0], 2) if overhead else None,
+            "_graph": graph, "_cfg": cfg,
+        })
+    trained = [r for r in rows if r["last_val_acc"] is not None and r["status"] in ("completed", "stopped by ASHA")]
+    if not trained:
+        raise RuntimeError(f"no trial of the search trained to a result; see {out_dir}")
+    top = max(r["epochs"] for r in trained)
+    best = max((r for r in trained if r["epochs"] == top), key=lambda r: r["last_val_acc"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = [k for k in rows[0] if not k.startswith("_")]
+    with open(out_dir / "trials.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in sorted(rows, key=lambda r: (-(r["best_val_acc"] or -1))):
+            w.writerow({k: r[k] for k in fields})
+    best_path = export_graph(best["_graph"], best["_cfg"], space, out_dir / "best_graph.yaml", best)
+    overheads = [r["launch_overhead_s"] for r in rows if r["launch_overhead_s"] is not None]
+    summary = {
+        "experiment": str(out_dir),
+        "trials": len(rows),
+        "completed": sum(r["status"] == "completed" for r in rows),
+        "stopped_by_asha": sum(r["status"] == "stopped by ASHA" for r in rows),
+        "failed": sum(r["status"].startswith("failed") for r in rows),
+        "invalid": sum(r["status"].startswith("invalid") for r in rows),
+        "best_trial": best["trial"], "best_val_acc": best["last_val_acc"], "best_graph": str(best_path),
+        "best_models": best["models"], "best_gates": best["gates"],
+        "wall_s": wall_s,
+        "launch_overhead_s_mean": sum(overheads) / len(overheads) if overheads else None,
+    }
+    (out_dir / "search_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(render_table(rows), flush=True)
+    print(f"[search] best: trial {best['trial']} val {best['last_val_acc']:.2f} after {best['epochs']} epochs; "
+          f"graph written to {best_path}\n[search] retrain it: torchrun --standalone "
+          f"--nproc_per_node={space.num_nodes} launch.py graph={best_path}", flush=True)
+    return summary
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| trial | models | gates (rows = receiver) | epochs | last val | best val | status |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-(r["best_val_acc"] or -1))):
+        lv = "-" if r["last_val_acc"] is None else f"{r['last_val_acc']:.2f}"
+        bv = "-" if r["best_val_acc"] is None else f"{r['best_val_acc']:.2f}"
+        lines.append(f"| {r['trial'][-14:]} | {r['models']} | {r['gates']} | {r['epochs']} | {lv} | {bv} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def export_graph(graph: dict[str, Any], cfg: dict[str, Any], space: SearchConfig, path: Path, row: dict[str, Any]) -> Path:
+    """Write the graph as a config for ``graph=<file>``. A frozen node's checkpoint becomes
+    ``<teachers_dir>/<model>/node0.pt`` with the dataset left as ``${dataset.name}`` when the
+    teachers folder is per dataset, so the graph transfers to another dataset."""
+    import yaml
+
+    g = copy.deepcopy(graph)
+    g["name"] = "searched"
+    dataset = cfg.get("_dataset") or space.dataset_name
+    for n in g["nodes"]:
+        if "checkpoint" in n and dataset:
+            n["checkpoint"] = n["checkpoint"].replace(f"/{dataset}/", "/${dataset.name}/")
+    header = (f"# Found by the search in {path.parent}\n# trial {row['trial']}: target val acc {row['last_val_acc']} "
+              f"after {row['epochs']} epochs\n# retrain: torchrun --standalone --nproc_per_node={len(g['nodes'])} "
+              f"launch.py graph={path}\n")
+    extra = {k[6:]: v for k, v in cfg.items() if k.startswith("extra:")}
+    if extra:
+        header += f"# searched alongside (not part of the graph; pass as overrides): {extra}\n"
+    path.write_text(header + yaml.safe_dump(g, sort_keys=False, default_flow_style=None))
+    return path
+
+
+def search_config_from(data: dict[str, Any]) -> SearchConfig:
+    return _build(SearchConfig, dict(data), "search")
