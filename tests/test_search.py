@@ -1,0 +1,128 @@
+"""The ASHA graph search: its space and sampler (unit), and a real tiny search on digits
+where each trial is a Ray actor group (integration)."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from coordinator.errors import ConfigError
+from coordinator.search import GraphRandomSearch, SearchConfig, describe_gates
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def space(**kw):
+    base = dict(num_nodes=3, target_model="resnet32", zoo=["resnet32", "convnet"], num_samples=4, max_epochs=4)
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(zoo=["resnet32", "vgg"]), r"search.zoo\[1\]: unknown model 'vgg'; known: "),
+    (dict(target_model="alexnet"), r"search.target_model: unknown model 'alexnet'"),
+    (dict(gates=["Cutoff"]), r"search.gates=\['Cutoff'\] leaves no valid graph"),
+    (dict(gates=["Through", "Often"]), r"search.gates\[1\]: unknown gate 'Often'"),
+    (dict(searcher="bohb"), r"search.searcher must be one of random, optuna"),
+    (dict(frozen="sometimes"), r"search.frozen must be one of teachers, exclude"),
+    (dict(grace_period=5, max_epochs=4), r"search.grace_period=5 exceeds search.max_epochs=4"),
+    (dict(reduction_factor=1), r"search.reduction_factor must be >= 2"),
+])
+def test_bad_search_spaces_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        space(**kwargs)
+
+
+def _params(gates, models=("convnet", "resnet32")):
+    p = {f"model_{i + 1}": m for i, m in enumerate(models)}
+    for t, row in enumerate(gates):
+        for s, g in enumerate(row):
+            p[f"gate_{t}_{s}"] = g
+    return p
+
+
+def test_frozen_target_is_never_a_graph():
+    s = space()
+    assert s.graph_from(_params([["Cutoff"] * 3, ["Through"] * 3, ["Through"] * 3])) is None
+    g = s.graph_from(_params([["Through", "Linear", "Cutoff"], ["Correct"] * 3, ["Through"] * 3]))
+    assert g["nodes"][1] == {"model": "convnet"} and describe_gates(g["gates"]) == "T L X / C C C / T T T"
+
+
+def test_frozen_nodes_follow_the_teacher_policy(tmp_path):
+    frozen_row = _params([["Through"] * 3, ["Cutoff"] * 3, ["Through"] * 3])
+    assert space(teachers_dir=str(tmp_path)).graph_from(frozen_row) is None  # no teacher file
+    (tmp_path / "convnet").mkdir()
+    torch.save({}, tmp_path / "convnet" / "node0.pt")
+    g = space(teachers_dir=str(tmp_path)).graph_from(frozen_row)
+    assert g["nodes"][1]["checkpoint"] == str(tmp_path / "convnet" / "node0.pt")
+    assert space(teachers_dir=str(tmp_path), frozen="exclude").graph_from(frozen_row) is None
+
+
+def test_random_search_samples_valid_graphs_reproducibly(tmp_path):
+    a, b = GraphRandomSearch(space(), seed=3), GraphRandomSearch(space(), seed=3)
+    sa = [a.suggest(str(i)) for i in range(20)]
+    assert sa == [b.suggest(str(i)) for i in range(20)]
+    assert all(space().graph_from(p) is not None for p in sa)
+    assert len({tuple(sorted(p.items())) for p in sa}) > 15
+    a.save(str(tmp_path / "s.pkl"))  # a resumed search continues the same sequence
+    c = GraphRandomSearch(space(), seed=99)
+    c.restore(str(tmp_path / "s.pkl"))
+    assert c.suggest("x") == a.suggest("x")
+
+
+@pytest.fixture(scope="module")
+def tiny_search(tmp_path_factory):
+    """6 two-node trials of 4 epochs; learning rate searched too, 1e6 makes a trial fail."""
+    import ray
+
+    from coordinator.search import run_search
+
+    out = tmp_path_factory.mktemp("search") / "exp-tiny-digits"
+    s = SearchConfig(name="tiny", num_nodes=2, target_model="convnet", zoo=["convnet"], num_samples=6,
+                     max_epochs=4, grace_period=1, reduction_factor=2, num_cpus=6, verbose=0,
+                     teachers_dir=str(out.parent / "no-teachers"), extra={"optim.lr": [0.05, 1.0e6]})
+    base = {
+        "dataset": {"name": "digits", "val_fraction": 0.15, "crop_pad": 1, "flip": False},
+        "optim": {"lr": 0.05, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
+        "train": {"batch_size": 64, "num_threads": 1}, "logger": {"backend": "none"}, "seed": 0,
+    }
+    try:
+        summary = run_search(s, base, out, seed=0)
+    finally:
+        ray.shutdown()
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    return summary, rows, out
+
+
+def test_asha_stops_trials_early_and_failures_do_not_stop_the_search(tiny_search):
+    summary, rows, out = tiny_search
+    assert len(rows) == 6 and summary["trials"] == 6
+    statuses = [r["status"] for r in rows]
+    assert "stopped by ASHA" in statuses, statuses
+    stopped = [r for r in rows if r["status"] == "stopped by ASHA"]
+    assert all(int(r["epochs"]) < 4 for r in stopped)
+    failed = [r for r in rows if r["status"].startswith("failed")]
+    assert failed and all('"optim.lr": 1000000.0' in r["extra"] for r in failed)
+    assert any("non-finite training loss" in r["status"] for r in failed), [r["status"] for r in failed]
+    ok = [r for r in rows if not r["status"].startswith("failed")]
+    assert ok and all(float(r["best_val_acc"]) > 0 for r in ok)
+    assert summary["best_val_acc"] == max(float(r["last_val_acc"]) for r in ok if r["epochs"] == "4")
+    # each trial is a real actor group: every node wrote its own checkpoint in the trial dir
+    best_dir = out / summary["best_trial"]
+    assert (best_dir / "node0.pt").is_file() and (best_dir / "node1.pt").is_file()
+    assert float(rows[0]["launch_overhead_s"]) > 0
+
+
+def test_exported_graph_retrains_under_torchrun(tiny_search, tmp_path):
+    summary, _, _ = tiny_search
+    best = Path(summary["best_graph"])
+    text = best.read_text()
+    assert "gates:" in text and "retrain: torchrun" in text
+    r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+                        "launch.py", f"graph={best}", "train.epochs=1", "logger=none", f"hydra.run.dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "graph 'searched'" in r.stdout and (tmp_path / "summary.json").is_file()
