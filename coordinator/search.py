@@ -399,6 +399,14 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
 def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> dict[str, Any]:
     """trials.csv (every trial), best_graph.yaml, search_summary.json."""
     rows = []
+    # Tune's trial states as saved with the experiment (TERMINATED, ERROR, PENDING, ...)
+    try:
+        from ray.tune import ExperimentAnalysis
+
+        trial_states = {t.trial_id: t.status for t in ExperimentAnalysis(str(out_dir)).trials}
+    except Exception:
+        trial_states = {}
+    interrupted = len(grid) < space.num_samples or any(st not in ("TERMINATED", "ERROR") for st in trial_states.values())
     for r in grid:
         df = r.metrics_dataframe
         cfg = r.config or {}
@@ -410,6 +418,8 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
             status = f"failed: {type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:160]}" if str(r.error).strip() else "failed"
         elif invalid:
             status = "invalid graph (not trained)"
+        elif trial_states.get(Path(r.path).name[len("trial_"):] if r.path else "", "TERMINATED") not in ("TERMINATED", "ERROR"):
+            status = "unfinished (search interrupted)"
         elif epochs < space.max_epochs:
             status = "stopped by ASHA"
         else:
@@ -427,18 +437,24 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
             "launch_overhead_s": round(overhead[0], 2) if overhead else None,
             "_graph": graph, "_cfg": cfg,
         })
-    trained = [r for r in rows if r["last_val_acc"] is not None and r["status"] in ("completed", "stopped by ASHA")]
-    if not trained:
-        raise RuntimeError(f"no trial of the search trained to a result; see {out_dir}")
-    top = max(r["epochs"] for r in trained)
-    best = max((r for r in trained if r["epochs"] == top), key=lambda r: r["last_val_acc"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    fields = [k for k in rows[0] if not k.startswith("_")]
+    fields = [k for k in rows[0] if not k.startswith("_")] if rows else ["trial"]
     with open(out_dir / "trials.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in sorted(rows, key=lambda r: (-(r["best_val_acc"] or -1))):
             w.writerow({k: r[k] for k in fields})
+    if interrupted:
+        print(render_table(rows), flush=True)
+        print(f"[search] interrupted with {sum(r['status'].startswith('unfinished') for r in rows)} unfinished trial(s) "
+              f"of {space.num_samples}; continue it with: python launch.py mode=search search={space.name} "
+              f"search.resume={out_dir}", flush=True)
+        return {"experiment": str(out_dir), "interrupted": True, "trials": len(rows)}
+    trained = [r for r in rows if r["last_val_acc"] is not None and r["status"] in ("completed", "stopped by ASHA")]
+    if not trained:
+        raise RuntimeError(f"no trial of the search trained to a result (see {out_dir / 'trials.csv'})")
+    top = max(r["epochs"] for r in trained)
+    best = max((r for r in trained if r["epochs"] == top), key=lambda r: r["last_val_acc"])
     best_path = export_graph(best["_graph"], best["_cfg"], space, out_dir / "best_graph.yaml", best)
     overheads = [r["launch_overhead_s"] for r in rows if r["launch_overhead_s"] is not None]
     summary = {
@@ -448,6 +464,7 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
         "stopped_by_asha": sum(r["status"] == "stopped by ASHA" for r in rows),
         "failed": sum(r["status"].startswith("failed") for r in rows),
         "invalid": sum(r["status"].startswith("invalid") for r in rows),
+        "interrupted": False,
         "best_trial": best["trial"], "best_val_acc": best["last_val_acc"], "best_graph": str(best_path),
         "best_models": best["models"], "best_gates": best["gates"],
         "wall_s": wall_s,
