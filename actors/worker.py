@@ -181,7 +181,7 @@ class NodeWorker:
         """Train one epoch, evaluate, checkpoint: this node's row of the epoch's metrics."""
         metrics = self.train_epoch(epoch)
         metrics.update(self.evaluate())
-        metrics["first_step_at"] = self.first_step_at
+        metrics["_first_step_at"] = self.first_step_at  # "_": for the driver, not recorded
         if self.cfg.train.save_checkpoints:
             self.save_checkpoint()
         return metrics

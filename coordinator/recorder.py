@@ -41,7 +41,9 @@ class RunRecorder:
             )
 
     def log_epoch(self, rows: list[dict[str, Any]]) -> None:
-        """``rows``: one metrics dict per node for the epoch just finished."""
+        """``rows``: one metrics dict per node for the epoch just finished (keys starting
+        with "_" are for the driver and are not recorded)."""
+        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
         self.history.append(rows)
         self.train_time += max(r["train_time_s"] for r in rows)
         with open(self.metrics_path, "a") as f:

@@ -82,8 +82,9 @@ class SearchConfig:
     """Retries of a failed trial, from its last checkpoint."""
     checkpoint_every: int = 1
     """Save every node's state to the trial's checkpoint every N epochs (0 = never)."""
-    extra: dict[str, list] = field(default_factory=dict)
-    """Other config keys to search, dotted: {"optim.lr": [0.05, 0.1]}."""
+    extra: Optional[dict[str, Any]] = None
+    """Other config keys to search, as a nested mapping to lists of values:
+    ``{optim: {lr: [0.05, 0.1]}}`` (dotted keys ``{"optim.lr": [...]}`` work from Python)."""
     dataset_name: Optional[str] = None
     """Set by the launcher: lets an exported graph's teacher paths follow ${dataset.name}."""
     verbose: int = 1
@@ -120,6 +121,7 @@ class SearchConfig:
             raise ConfigError(f"search.reduction_factor must be >= 2; got {self.reduction_factor!r}")
         if self.grace_period > self.max_epochs:
             raise ConfigError(f"search.grace_period={self.grace_period} exceeds search.max_epochs={self.max_epochs}")
+        self.extra = _flatten(self.extra or {})
         for key, values in self.extra.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"search.extra.{key} must be a non-empty list of values to try")
@@ -157,6 +159,17 @@ class SearchConfig:
                 node["checkpoint"] = self.teacher_path(models[t])
             nodes.append(node)
         return {"name": name, "nodes": nodes, "gates": gates, "temperature": 1.0, "loss": "kl", "reduction": "sum"}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def describe_gates(gates: list[list[str]]) -> str:
@@ -258,7 +271,7 @@ def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfi
                        "epoch": epoch + 1, "ensemble_val_acc": rows[0]["ensemble_val_acc"],
                        "train_loss": rows[0]["train_loss"]}
             if epoch == start:
-                metrics["launch_overhead_s"] = rows[0]["first_step_at"] - t_start
+                metrics["launch_overhead_s"] = rows[0]["_first_step_at"] - t_start
             every = space.checkpoint_every
             if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):
                 with tempfile.TemporaryDirectory() as d:

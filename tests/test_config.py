@@ -88,3 +88,28 @@ def test_run_config_is_picklable():
 
     cfg = composed("graph=dml")
     assert pickle.loads(pickle.dumps(cfg)).graph.gates == cfg.graph.gates
+
+
+@pytest.mark.parametrize("preset", options("search"))
+def test_search_presets_compose(preset):
+    from coordinator.search import search_config_from
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["mode=search", f"search={preset}",
+                                                       "search.extra={optim:{lr:[0.05,0.1]}}"])
+    data = OmegaConf.to_container(cfg, resolve=True)
+    space = search_config_from(data["search"])
+    assert data["train"]["epochs"] == space.max_epochs  # every trial's schedule spans ASHA's max_t
+    assert space.extra == {"optim.lr": [0.05, 0.1]}
+    assert space.teachers_dir == "teachers/digits"
+    assert len(space.choices()) == (space.num_nodes - 1) + space.num_nodes ** 2 + 1
+
+
+def test_paper_search_is_the_papers():
+    from coordinator.search import search_config_from
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["mode=search", "search=paper"])
+    s = search_config_from(OmegaConf.to_container(cfg, resolve=True)["search"])
+    assert (s.grace_period, s.reduction_factor, s.max_epochs, s.num_samples) == (1, 2, 200, 1500)
+    assert s.zoo == ["resnet32", "resnet110", "wrn28_2"] and s.gates == ["Through", "Cutoff", "Linear", "Correct"]

@@ -52,3 +52,15 @@ def test_unknown_preset_lists_the_available_ones(tmp_path):
     r = run([sys.executable, "launch.py", "graph=nope", f"hydra.run.dir={tmp_path}"])
     assert r.returncode != 0
     assert "Could not find 'graph/nope'" in r.stderr and "ktg3" in r.stderr
+
+
+def test_search_mode_needs_a_search_preset(tmp_path):
+    r = run([sys.executable, "launch.py", "mode=search", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 2 and "error: mode=search needs a search space: search=<preset>" in r.stderr
+    r = run([sys.executable, "launch.py", "mode=serve", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 2 and "error: mode must be one of train, search; got 'serve'" in r.stderr
+
+
+def test_missing_graph_file_is_named(tmp_path):
+    r = run([sys.executable, "launch.py", f"graph={tmp_path}/nope.yaml"])
+    assert r.returncode == 2 and f"error: graph file {tmp_path}/nope.yaml not found" in r.stderr
