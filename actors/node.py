@@ -127,6 +127,12 @@ class GraphNode:
         self.optimizer.step()
         self.scheduler.step()
 
+    def skip_update(self) -> None:
+        """A skipped step (non-finite loss): no parameter update, but the schedule advances
+        so the run stays aligned with the other nodes."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
     # --- state --------------------------------------------------------------------------------
 
     @property

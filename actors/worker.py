@@ -23,6 +23,7 @@ from actors.checkpoint import atomic_save
 from actors.data import Dataset, Split, augment, to_float
 from actors.exchange import DistEnv, Exchange
 from actors.node import GraphNode
+from coordinator.checkpoints import save_node
 from coordinator.batch_order import DX, DY, FLIP, PERM, BatchOrder, batch_fingerprint
 from coordinator.errors import BatchMismatchError, NonFiniteLossError
 
@@ -125,6 +126,11 @@ class NodeWorker:
         loss_sum = torch.zeros((), device=self.device)
         edge_sum = torch.zeros(len(node.edges), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        # first non-finite step of this epoch and its edges, tracked on the device (no sync)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        bad_edges = torch.zeros(len(node.edges), dtype=torch.bool, device=self.device)
+        skip = cfg.train.nonfinite == "skip"
+        skipped = 0
         every = cfg.train.check_batch_every
         if self.first_step_at is None:
             self.first_step_at = time.time()
@@ -142,6 +148,16 @@ class NodeWorker:
             self.step += 1
             if not node.frozen:
                 loss, terms = node.loss(logits, got["logits"], y, self.step / self.total_steps)  # 4. loss
+                if skip:
+                    if not torch.isfinite(loss).item():  # host sync, only in skip mode
+                        skipped += 1
+                        node.skip_update()
+                        continue
+                else:
+                    finite = torch.isfinite(terms)
+                    newly = (first_bad < 0) & ~finite.all()
+                    first_bad = torch.where(newly, torch.tensor(self.step, device=self.device), first_bad)
+                    bad_edges = torch.where(newly, ~finite, bad_edges)
                 node.update(loss)                                       # 5. update
                 loss_sum += loss.detach()
                 edge_sum += terms
@@ -152,38 +168,47 @@ class NodeWorker:
                       f"{(k + 1) * cfg.train.batch_size / el:.0f} img/s | {el:.0f}s", flush=True)
         self.epoch = epoch + 1
         n = self.steps_per_epoch
-        self._check_finite(loss_sum, epoch)
-        edges = {f"edge_{s}_to_{self.index}_{g}": v / n for (s, _, g), v in zip(node.edges, edge_sum.tolist())}
+        self._check_finite(first_bad, bad_edges, epoch)
+        edges = {f"edge_{s}_to_{self.index}_{g}": v / max(1, n - skipped) for (s, _, g), v in zip(node.edges, edge_sum.tolist())}
         return {
             "epoch": epoch + 1,
             "node": self.index,
             "model": node.model_name,
             "frozen": node.frozen,
-            "train_loss": loss_sum.item() / n if not node.frozen else None,
+            "train_loss": loss_sum.item() / max(1, n - skipped) if not node.frozen else None,
             "train_acc": correct.item() * 100.0 / (n * cfg.train.batch_size),
             "lr": node.lr,
+            "skipped_steps": skipped,
             "train_time_s": time.perf_counter() - t0,
             **edges,
         }
 
-    def _check_finite(self, loss_sum: torch.Tensor, epoch: int) -> None:
-        """One scalar all-gather per epoch: if any node's loss went NaN/inf, every node
-        raises the same error (naming the node), so the whole group stops together."""
-        sums = self.exchange.all_gather({"loss": loss_sum.detach().float().reshape(1)})["loss"].view(-1)
-        bad = [i for i, v in enumerate(sums.tolist()) if v != v or v in (float("inf"), float("-inf"))]
+    def _check_finite(self, first_bad: torch.Tensor, bad_edges: torch.Tensor, epoch: int) -> None:
+        """One small all-gather per epoch: if any node's loss went NaN/inf, every node raises
+        the same error, naming the node, step and edges where it started, so the whole group
+        stops together."""
+        m = len(self.cfg.graph.nodes)
+        mask = torch.zeros(m, dtype=torch.int64, device=self.device)  # which sources' edges were bad
+        if len(self.node.edges):
+            src = torch.tensor([s for s, _, _ in self.node.edges], device=self.device)
+            mask[src] = bad_edges.to(torch.int64)
+        info = torch.cat([first_bad.reshape(1), mask])
+        every = self.exchange.all_gather({"bad": info})["bad"].tolist()
+        bad = [(row[0], i, row[1:]) for i, row in enumerate(every) if row[0] >= 0]
         if bad:
+            step, node, edge_mask = min(bad)
+            edges = ", ".join("label edge" if s == node else f"edge {s} -> {node}" for s, b in enumerate(edge_mask) if b)
             raise NonFiniteLossError(
-                f"non-finite training loss on node(s) {bad} during epoch {epoch + 1} "
-                f"(by step {self.step}); lower optim.lr or check the graph's edges"
+                f"non-finite training loss on node {node} at step {step} (epoch {epoch + 1}) in {edges or 'its loss'}"
+                + (f"; later also on node(s) {sorted({i for _, i, _ in bad} - {node})}" if len(bad) > 1 else "")
+                + "; lower optim.lr, or set train.nonfinite=skip to skip such steps"
             )
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
-        """Train one epoch, evaluate, checkpoint: this node's row of the epoch's metrics."""
+        """Train one epoch and evaluate: this node's row of the epoch's metrics."""
         metrics = self.train_epoch(epoch)
         metrics.update(self.evaluate())
         metrics["_first_step_at"] = self.first_step_at  # "_": for the driver, not recorded
-        if self.cfg.train.save_checkpoints:
-            self.save_checkpoint()
         return metrics
 
     # --- evaluation -----------------------------------------------------------------------------
@@ -233,3 +258,8 @@ class NodeWorker:
         path = self.run_dir / f"node{self.index}.pt"
         atomic_save(self.state(), path)
         return str(path)
+
+    def save_group_checkpoint(self) -> None:
+        """This node's share of the group checkpoint at the current epoch boundary."""
+        if self.run_dir is not None:
+            save_node(self.run_dir, self.epoch, self.index, self.state())

@@ -18,6 +18,7 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
+NONFINITE = ("stop", "skip")
 
 
 def _choice(value: Any, allowed: tuple[str, ...], name: str) -> None:
@@ -100,8 +101,18 @@ class TrainConfig:
     """torch intra-op threads per process (0 = leave torch's/torchrun's default)."""
     log_every: int = 0
     """Progress line every N steps on rank 0 (0 = auto: ~5 per epoch when an epoch has >= 200 steps)."""
-    save_checkpoints: bool = True
-    """Write each node's checkpoint (atomically) after every epoch."""
+    checkpoint_every: int = 1
+    """Save the whole group's state (every node: model, optimiser, schedule, step, RNG) every
+    N epochs under <run_dir>/checkpoints/ (0 = never); each node's final state is always
+    written to <run_dir>/node<i>.pt."""
+    keep_checkpoints: int = 2
+    """Group checkpoints kept on disk (the newest)."""
+    resume: bool = True
+    """Continue from <run_dir>/checkpoints/ when it holds a checkpoint (a torchrun restart
+    after a failure, or a re-run with hydra.run.dir=<that run>)."""
+    nonfinite: str = "stop"
+    """A NaN/inf loss: stop (the group ends with a message naming node, step and edge) or
+    skip (that node skips the update of that step; counted as skipped_steps)."""
 
     def __post_init__(self) -> None:
         _positive(self.epochs, "train.epochs")
@@ -110,6 +121,9 @@ class TrainConfig:
         _positive(self.check_batch_every, "train.check_batch_every", allow_zero=True)
         _positive(self.num_threads, "train.num_threads", allow_zero=True)
         _positive(self.log_every, "train.log_every", allow_zero=True)
+        _positive(self.checkpoint_every, "train.checkpoint_every", allow_zero=True)
+        _positive(self.keep_checkpoints, "train.keep_checkpoints")
+        _choice(self.nonfinite, NONFINITE, "train.nonfinite")
 
 
 @dataclass

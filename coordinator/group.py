@@ -52,6 +52,9 @@ class NodeActor:
     def state(self) -> dict[str, Any]:
         return self.worker.state()
 
+    def save_final(self) -> Optional[str]:
+        return self.worker.save_checkpoint()
+
     def close(self) -> None:
         from actors.exchange import shutdown
 
@@ -87,6 +90,10 @@ class ActorGroup:
 
     def states(self) -> list[dict[str, Any]]:
         return ray.get([a.state.remote() for a in self.actors])
+
+    def save_final(self) -> None:
+        """Each node writes its final state to <run_dir>/node<i>.pt."""
+        ray.get([a.save_final.remote() for a in self.actors])
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -20,7 +20,8 @@ def _fmt(v: Optional[float]) -> str:
 
 
 class RunRecorder:
-    def __init__(self, cfg, run_dir: str | Path, config_dict: dict[str, Any], wandb_name: Optional[str] = None):
+    def __init__(self, cfg, run_dir: str | Path, config_dict: dict[str, Any], wandb_name: Optional[str] = None,
+                 resume_epoch: int = 0):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -30,6 +31,10 @@ class RunRecorder:
         self.train_time = 0.0
         self.wandb = None
         atomic_write_text(json.dumps(config_dict, indent=2, default=str) + "\n", self.run_dir / "run_config.json")
+        if resume_epoch:
+            self._reload(resume_epoch)
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh run in a used directory starts a fresh record
         if cfg.logger.backend == "wandb":
             import wandb
 
@@ -39,6 +44,19 @@ class RunRecorder:
                 name=wandb_name or f"{cfg.graph.name}-{cfg.dataset.name}-s{cfg.seed}", dir=str(self.run_dir),
                 config=config_dict, mode=lc.mode, reinit="finish_previous",
             )
+
+    def _reload(self, epoch: int) -> None:
+        """Keep the records of epochs 1..epoch (those the checkpoint holds); drop the rest."""
+        rows = []
+        if self.metrics_path.exists():
+            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["epoch"] <= epoch]
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in rows), self.metrics_path)
+        by_epoch: dict[int, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_epoch.setdefault(r["epoch"], []).append(r)
+        self.history = [sorted(by_epoch[e], key=lambda r: r["node"]) for e in sorted(by_epoch)]
+        self.train_time = sum(max(r["train_time_s"] for r in rows) for rows in self.history)
 
     def log_epoch(self, rows: list[dict[str, Any]]) -> None:
         """``rows``: one metrics dict per node for the epoch just finished (keys starting

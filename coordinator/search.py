@@ -280,6 +280,7 @@ def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfi
                     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
             else:
                 tune.report(metrics)
+        group.save_final()
         recorder.finish(group.steps_per_epoch)
     finally:
         group.shutdown()
@@ -350,6 +351,7 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
 
     base = _base_dict(base)
     base.setdefault("train", {})["epochs"] = space.max_epochs
+    base["train"]["checkpoint_every"] = 0  # trials checkpoint through Tune (search.checkpoint_every)
     RunConfig.from_dict({**base, "graph": {"nodes": [space.target_model], "gates": [["Through"]]}})  # validate early
     space = copy.deepcopy(space)
     space.teachers_dir = os.path.abspath(space.teachers_dir)
