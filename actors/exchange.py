@@ -70,14 +70,13 @@ def init_distributed(
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # before init: NCCL binds this rank to its own GPU
         kwargs["device_id"] = dev
-    dist.init_process_group(
-        backend=backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        **kwargs,
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # Under torchrun the store outlives a restart of the workers (--max-restarts): keys of
+    # the failed attempt (e.g. gloo's peer addresses) would be read by the new one and its
+    # connections refused. A prefix per attempt keeps each attempt's keys apart.
+    store, rank, world_size = next(dist.rendezvous(init_method, rank, world_size, timeout=timeout))
+    store = dist.PrefixStore(f"ktg/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
 
 

@@ -267,6 +267,9 @@ def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfi
         for epoch in range(start, cfg.train.epochs):
             rows = group.run_epoch(epoch)
             recorder.log_epoch(rows)
+            if epoch + 1 == cfg.train.epochs:  # before the last report: Tune may end the trial at it
+                group.save_final()
+                recorder.finish(group.steps_per_epoch)
             metrics = {METRIC: rows[0]["val_acc"] if rows[0]["val_acc"] is not None else 0.0,
                        "epoch": epoch + 1, "ensemble_val_acc": rows[0]["ensemble_val_acc"],
                        "train_loss": rows[0]["train_loss"]}
@@ -280,8 +283,6 @@ def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfi
                     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
             else:
                 tune.report(metrics)
-        group.save_final()
-        recorder.finish(group.steps_per_epoch)
     finally:
         group.shutdown()
         recorder.close()

@@ -41,3 +41,28 @@ def test_group_restored_from_states_continues_exactly(ray_cluster, tmp_path):
     for a, b in zip(final_a, final_b):
         assert a["step"] == b["step"] == 2 * (1222 // 32)
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_killed_actor_fails_the_group_fast(ray_cluster, tmp_path):
+    """A node actor that dies mid-epoch makes the driver's ray.get raise at once (a Tune
+    trial is then marked failed); shutdown leaves no actor of the group alive."""
+    import time
+
+    import ray
+    from ray.exceptions import RayActorError
+
+    from coordinator.group import ActorGroup
+
+    cfg = small_config(["convnet", "convnet"], [[T, T], [T, T]], train__epochs=50)
+    group = ActorGroup(cfg, str(tmp_path))
+    pending = [a.run_epoch.remote(0) for a in group.actors]
+    time.sleep(0.2)
+    ray.kill(group.actors[1], no_restart=True)
+    t0 = time.time()
+    with pytest.raises(RayActorError):
+        ray.get(pending, timeout=120)
+    assert time.time() - t0 < 60
+    survivor = group.actors[0]
+    group.shutdown()
+    with pytest.raises(RayActorError):
+        ray.get(survivor.state.remote(), timeout=60)
