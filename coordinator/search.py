@@ -262,7 +262,7 @@ def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfi
 
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     group = ActorGroup(cfg, run_dir, get_current_placement_group(), space.cpus_per_node, gpus, states)
-    recorder = RunRecorder(cfg, run_dir, cfg_dict, wandb_name=f"{experiment}-{trial_id}")
+    recorder = RunRecorder(cfg, run_dir, cfg_dict, wandb_name=f"{experiment}-{trial_id}", resume_epoch=start)
     try:
         for epoch in range(start, cfg.train.epochs):
             rows = group.run_epoch(epoch)
