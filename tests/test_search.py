@@ -126,3 +126,54 @@ def test_exported_graph_retrains_under_torchrun(tiny_search, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "graph 'searched'" in r.stdout and (tmp_path / "summary.json").is_file()
+
+
+def test_a_failed_trial_is_retried_from_its_last_checkpoint(tmp_path):
+    """search.max_failures=1: a node actor SIGKILLed mid-trial; the trial restarts from its
+    last per-epoch checkpoint, not from epoch 1, and every epoch is recorded once."""
+    import json
+    import signal
+    import threading
+    import time
+
+    import ray
+
+    from coordinator.search import run_search
+
+    out = tmp_path / "exp-retry-digits"
+    s = SearchConfig(name="retry", num_nodes=2, target_model="convnet", zoo=["convnet"], gates=["Through"],
+                     num_samples=1, max_epochs=30, num_cpus=4, verbose=0, max_failures=1,
+                     teachers_dir=str(tmp_path / "none"))
+    base = {"dataset": {"name": "digits", "crop_pad": 1, "flip": False},
+            "optim": {"lr": 0.05, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
+            "train": {"batch_size": 64, "num_threads": 1}, "logger": {"backend": "none"}}
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            files = list(out.glob("trial_*/metrics.jsonl"))
+            if files and sum(1 for _ in files[0].open()) >= 2 * 3:
+                pids = subprocess.run(["pgrep", "-f", "ray::NodeActor"], capture_output=True, text=True).stdout.split()
+                if pids:
+                    os.kill(int(pids[0]), signal.SIGKILL)
+                    killed["epochs_done"] = sum(1 for _ in files[0].open()) // 2
+                    return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        summary = run_search(s, base, out, seed=0)
+    finally:
+        ray.shutdown()
+    t.join(timeout=1)
+    assert killed, "no actor was killed"
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert rows[0]["status"] == "completed" and rows[0]["epochs"] == "30"
+    lines = [json.loads(l) for l in next(out.glob("trial_*/metrics.jsonl")).read_text().splitlines()]  # noqa: E741
+    assert sorted((r["epoch"], r["node"]) for r in lines) == [(e, n) for e in range(1, 31) for n in range(2)]
+    assert summary["failed"] == 0
+    # Tune's own record: epochs 1..30 reported once each, so the retry did not start over
+    reported = [json.loads(l)["epoch"] for l in next(out.glob("trial_*/result.json")).read_text().splitlines()]  # noqa: E741
+    assert reported == list(range(1, 31)), reported
