@@ -19,7 +19,7 @@ from tests.helpers import small_config
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 T = "Through"
-EPOCHS = 20  # long enough (~6 s) that a kill at epoch 2 or 3 lands mid-run
+EPOCHS = 12  # long enough (~4 s) that a kill at epoch 2 or 3 lands mid-run
 GRAPH = ["graph=dml", "graph.nodes.0.model=convnet", "graph.nodes.1.model=convnet", "logger=none",
          "train.batch_size=32", "optim.warmup_epochs=0"]
 
