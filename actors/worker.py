@@ -156,7 +156,7 @@ class NodeWorker:
                 else:
                     finite = torch.isfinite(terms)
                     newly = (first_bad < 0) & ~finite.all()
-                    first_bad = torch.where(newly, torch.tensor(self.step, device=self.device), first_bad)
+                    first_bad = torch.where(newly, self.step, first_bad)
                     bad_edges = torch.where(newly, ~finite, bad_edges)
                 node.update(loss)                                       # 5. update
                 loss_sum += loss.detach()

@@ -119,8 +119,7 @@ class GraphSpec:
         return [(s, g) for s, g in enumerate(self.gates[t]) if not is_cutoff(g)]
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GraphSpec":

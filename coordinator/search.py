@@ -511,7 +511,7 @@ def export_graph(graph: dict[str, Any], cfg: dict[str, Any], space: SearchConfig
 
     g = copy.deepcopy(graph)
     g["name"] = "searched"
-    dataset = cfg.get("_dataset") or space.dataset_name
+    dataset = space.dataset_name
     for n in g["nodes"]:
         if "checkpoint" in n and dataset:
             n["checkpoint"] = n["checkpoint"].replace(f"/{dataset}/", "/${dataset.name}/")
