@@ -77,9 +77,38 @@ def resume_point(cfg: RunConfig, run_dir: str | Path, worker: NodeWorker, exchan
         return 0
     if epoch >= cfg.train.epochs:
         log.info(f"the checkpoint in {run_dir} is already at epoch {epoch} of {cfg.train.epochs}")
+    previous = _previous_config(run_dir)
+    if previous is not None:  # the same checks on every rank, so every rank stops with the same message
+        for i, (a, b) in enumerate(zip(previous.graph.nodes, cfg.graph.nodes)):
+            if a.model != b.model:
+                raise ConfigError(f"{run_dir}/checkpoints holds node {i} as a {a.model}, but the graph says {b.model}: "
+                                  "resume with the same graph, or a new run dir")
+        changed = _changed(previous, cfg)
+        if changed:
+            raise ConfigError(f"{run_dir} holds a checkpoint of a run with other {', '.join(changed)}; resuming it with "
+                              "this config would mix two experiments. Use a new hydra.run.dir, or train.resume=false to start over")
     state = checkpoints.load_node(run_dir, epoch, worker.index)
     if state.get("meta", {}).get("model") != worker.node.model_name:
         raise ConfigError(f"{run_dir}/checkpoints holds node {worker.index} as a {state.get('meta', {}).get('model')}, "
                           f"but the graph says {worker.node.model_name}: resume with the same graph, or a new run dir")
     worker.load_state(state)
     return epoch
+
+
+def _previous_config(run_dir: str | Path) -> Optional[RunConfig]:
+    """The config recorded by the run that wrote ``run_dir`` (None if unreadable)."""
+    import json
+
+    try:
+        return RunConfig.from_dict(json.loads((Path(run_dir) / "run_config.json").read_text()))
+    except Exception:
+        return None
+
+
+def _changed(old: RunConfig, new: RunConfig) -> list[str]:
+    """Settings that differ between two runs (the epoch count may change: a resumed run can
+    be extended)."""
+    a, b = old.to_dict(), new.to_dict()
+    keys = [("seed",), ("graph",), ("dataset",), ("optim",), ("train", "batch_size")]
+    pick = lambda d, k: d[k[0]] if len(k) == 1 else d[k[0]][k[1]]  # noqa: E731
+    return [".".join(k) for k in keys if pick(a, k) != pick(b, k)]
