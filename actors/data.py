@@ -251,11 +251,12 @@ def to_float(x: torch.Tensor, mean: Optional[torch.Tensor] = None, std: Optional
     return x
 
 
-def augment(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
+def augment(x: torch.Tensor, offsets: torch.Tensor, flips: Optional[torch.Tensor], pad: int) -> torch.Tensor:
     """Per-sample reflect-pad + crop and horizontal flip of a float batch, on its device.
 
-    ``offsets``: [B, 2] int64 crop corners (dy, dx) in [0, 2*pad]; ``flips``: [B] bool.
-    The parameters come from the coordinator, so the result is identical on every node.
+    ``offsets``: [B, 2] int64 crop corners (dy, dx) in [0, 2*pad]; ``flips``: [B] bool, or
+    None for no flipping. The parameters come from the coordinator, so the result is
+    identical on every node. No host-device synchronisation.
     """
     b, _, h, w = x.shape
     if pad > 0:
@@ -265,6 +266,6 @@ def augment(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: in
         bi = torch.arange(b, device=x.device)[:, None, None]
         # advanced indices around a slice: result is [B, H, W, C]
         x = xp[bi, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
-    if flips.any():
+    if flips is not None:
         x = torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
     return x

@@ -59,7 +59,8 @@ class GraphNode:
     """
 
     def __init__(self, index: int, graph, num_classes: int, in_channels: int, optim, epochs: int,
-                 steps_per_epoch: int, seed: int, device: torch.device):
+                 steps_per_epoch: int, seed: int, device: torch.device, precision: str = "fp32",
+                 channels_last: bool = False, compile: bool = False):
         self.index = index
         self.model_name = graph.nodes[index].model
         self.frozen = graph.is_frozen(index)
@@ -71,6 +72,13 @@ class GraphNode:
             state, _ = load_model_weights(ckpt)
             self.model.load_state_dict(state)
         self.model.to(device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        # The module that runs the forward: the model itself, or its torch.compile'd wrapper
+        # (state dicts and checkpoints always use self.model, so they do not depend on it).
+        self.run_model = torch.compile(self.model) if compile else self.model
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.device_type = torch.device(device).type
         self.edges = [(s, GATES.get(g), g) for s, g in graph.incoming(index)]
         self.edge_loss = EDGE_LOSSES.get(graph.loss)
         self.temperature = graph.temperature
@@ -94,11 +102,19 @@ class GraphNode:
     # --- the step, in named parts -----------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits in float32 (the forward itself runs under bf16 autocast when asked)."""
         if self.frozen:
             with torch.no_grad():
-                return self.model(x)
+                return self._run(x)
         self.model.train()
-        return self.model(x)
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            return self.run_model(x)
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+            out = self.run_model(x)
+        return out.float()
 
     def loss(self, logits: torch.Tensor, all_logits: torch.Tensor, labels: torch.Tensor,
              progress: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,11 +137,30 @@ class GraphNode:
             total = total + (c / len(cross) if self.reduction == "mean" else c)
         return total, torch.stack([t.detach() for t in terms]) if terms else logits.new_zeros(0)
 
-    def update(self, loss: torch.Tensor) -> None:
+    def gate_weights(self, all_logits: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
+        """The mean weight each incoming edge's gate put on this step's samples
+        (``[len(edges)]``): 1 for Through, k/k_end for Linear, the fraction of samples the
+        source got right for Correct. For the dashboards; no host sync."""
+        if not self.edges:
+            return all_logits.new_zeros(0)
+        ones = all_logits.new_ones(labels.shape[0])
+        return torch.stack([
+            gate(ones, source_logits=None if s == self.index else all_logits[s], labels=labels, progress=progress)
+            for s, gate, _ in self.edges
+        ]).detach()
+
+    def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+
+    def step(self) -> None:
         self.optimizer.step()
         self.scheduler.step()
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward and optimiser step (the step's part 5)."""
+        self.backward(loss)
+        self.step()
 
     def skip_update(self) -> None:
         """A skipped step (non-finite loss): no parameter update, but the schedule advances

@@ -23,6 +23,7 @@ from actors.checkpoint import atomic_save
 from actors.data import Dataset, Split, augment, to_float
 from actors.exchange import DistEnv, Exchange
 from actors.node import GraphNode
+from actors.timing import NO_TIMER
 from coordinator.checkpoints import save_node
 from coordinator.batch_order import DX, DY, FLIP, PERM, BatchOrder, batch_fingerprint
 from coordinator.errors import BatchMismatchError, NonFiniteLossError
@@ -31,15 +32,19 @@ from coordinator.errors import BatchMismatchError, NonFiniteLossError
 class BatchMaker:
     """Turns plan rows into the float batch a node trains on (same on every node)."""
 
-    def __init__(self, split: Split, crop_pad: int, mean: Optional[torch.Tensor], std: Optional[torch.Tensor]):
+    def __init__(self, split: Split, crop_pad: int, mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
+                 flip: bool = True, channels_last: bool = False):
         self.split, self.pad, self.mean, self.std = split, crop_pad, mean, std
+        self.flip, self.channels_last = flip, channels_last
 
     def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = rows[:, PERM]
         x = to_float(self.split.x[idx])
-        x = augment(x, rows[:, DY : DX + 1], rows[:, FLIP].bool(), self.pad)
+        x = augment(x, rows[:, DY : DX + 1], rows[:, FLIP].bool() if self.flip else None, self.pad)
         if self.mean is not None:
             x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return x, self.split.y[idx]
 
 
@@ -48,16 +53,23 @@ def build_batch_maker(cfg, data: Dataset, device: torch.device) -> BatchMaker:
     if cfg.dataset.normalize:
         mean = torch.tensor(data.info.mean, device=device)
         std = torch.tensor(data.info.std, device=device)
-    return BatchMaker(data.train, cfg.dataset.crop_pad, mean, std)
+    return BatchMaker(data.train, cfg.dataset.crop_pad, mean, std, cfg.dataset.flip, cfg.train.channels_last)
 
 
 def build_batch_order(cfg, data: Dataset) -> BatchOrder:
     return BatchOrder(len(data.train), cfg.train.batch_size, cfg.seed, cfg.dataset.crop_pad, cfg.dataset.flip)
 
 
+def steps_per_epoch(cfg, order: BatchOrder) -> int:
+    """Steps of one epoch: the whole plan, or ``train.max_steps_per_epoch`` of it."""
+    cap = cfg.train.max_steps_per_epoch
+    return min(order.steps_per_epoch, cap) if cap else order.steps_per_epoch
+
+
 def build_node(cfg, data: Dataset, index: int, steps_per_epoch: int, device: torch.device) -> GraphNode:
     return GraphNode(index, cfg.graph, data.info.num_classes, data.info.in_channels, cfg.optim,
-                     cfg.train.epochs, steps_per_epoch, cfg.seed, device)
+                     cfg.train.epochs, steps_per_epoch, cfg.seed, device, cfg.train.precision,
+                     cfg.train.channels_last, cfg.train.compile)
 
 
 @torch.no_grad()
@@ -89,7 +101,7 @@ class NodeWorker:
         self.run_dir = Path(run_dir) if run_dir else None
         self.data = data.to(self.device)
         self.order = build_batch_order(cfg, data)
-        self.steps_per_epoch = self.order.steps_per_epoch
+        self.steps_per_epoch = steps_per_epoch(cfg, self.order)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.batches = build_batch_maker(cfg, self.data, self.device)
         self.node = build_node(cfg, self.data, self.index, self.steps_per_epoch, self.device)
@@ -98,6 +110,7 @@ class NodeWorker:
         self.step = 0  # global optimiser steps taken so far (k - 1 for the next step k)
         self.epoch = 0  # epochs completed
         self.first_step_at: Optional[float] = None  # wall clock (time.time) of the first step
+        self.timer = NO_TIMER  # the benchmark attaches an actors.timing.StepTimer
 
     # --- training -------------------------------------------------------------------------------
 
@@ -109,78 +122,121 @@ class NodeWorker:
             plan = torch.empty(self.order.num_samples, 4, dtype=torch.int64, device=self.device)
         return self.exchange.broadcast(plan, src=0)
 
-    def _check_batch(self, fingerprints: torch.Tensor) -> None:
-        bad = [i for i in range(fingerprints.shape[0]) if not torch.equal(fingerprints[i], fingerprints[0])]
-        if bad:
+    def _track_batches(self, fingerprints: torch.Tensor) -> None:
+        """Remember (on the device, no sync) the first step at which some node's batch
+        fingerprint differed from node 0's, and which nodes."""
+        differ = (fingerprints != fingerprints[0]).any(dim=1)
+        newly = (self._mismatch_step < 0) & differ.any()
+        self._mismatch_step = torch.where(newly, self.step + 1, self._mismatch_step)
+        self._mismatch_nodes = torch.where(newly, differ, self._mismatch_nodes)
+
+    def _raise_on_mismatch(self) -> None:
+        """Read the tracked mismatch (a host sync): called at every check on CPU, where it
+        costs nothing, and on an accelerator at progress lines and at the end of the epoch."""
+        step = int(self._mismatch_step)
+        if step >= 0:
+            bad = [i for i, b in enumerate(self._mismatch_nodes.tolist()) if b]
             raise BatchMismatchError(
-                f"node(s) {bad} hold a different batch than node 0 at step {self.step + 1} "
-                f"(fingerprints {fingerprints.tolist()}); a node has drifted from the coordinator's "
-                "batch order, so the run stops instead of training on mismatched batches"
+                f"node(s) {bad} hold a different batch than node 0 at step {step}; a node has drifted "
+                "from the coordinator's batch order, so the run stops instead of training on mismatched batches"
             )
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One pass over the training set's plan for ``epoch``. Returns this node's metrics."""
-        cfg, node = self.cfg, self.node
+        """One pass over the training set's plan for ``epoch``. Returns this node's metrics.
+
+        No host-device synchronisation inside the step (on an accelerator): losses, edge
+        terms, accuracy, NaN and batch-mismatch tracking all stay on the device and are read
+        at progress lines (every ``train.log_every`` steps) and at the end of the epoch. The
+        exceptions: ``train.nonfinite=skip`` reads each step's loss, and an attached
+        ``StepTimer`` (benchmark) synchronises to time each part."""
+        cfg, node, tm = self.cfg, self.node, self.timer
         t0 = time.perf_counter()
         plan = self._epoch_plan(epoch)
+        m = len(self.cfg.graph.nodes)
         loss_sum = torch.zeros((), device=self.device)
         edge_sum = torch.zeros(len(node.edges), device=self.device)
+        weight_sum = torch.zeros(len(node.edges), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         # first non-finite step of this epoch and its edges, tracked on the device (no sync)
         first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         bad_edges = torch.zeros(len(node.edges), dtype=torch.bool, device=self.device)
+        self._mismatch_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._mismatch_nodes = torch.zeros(m, dtype=torch.bool, device=self.device)
+        on_host = self.device.type == "cpu"
         skip = cfg.train.nonfinite == "skip"
         skipped = 0
         every = cfg.train.check_batch_every
         if self.first_step_at is None:
             self.first_step_at = time.time()
         for k in range(self.steps_per_epoch):
+            tm.start()
             rows = self.order.batch(plan, k)
             x, y = self.batches(rows)                                   # 1. batch
+            tm.mark("batch")
             logits = node.forward(x)                                    # 2. forward
+            tm.mark("forward")
             payload = {"logits": logits.detach()}
             check = every > 0 and self.step % every == 0
             if check:
                 payload["batch"] = batch_fingerprint(rows, x, y, self.step)
+            if tm.enabled:
+                payload["arrival"] = tm.arrival(self.device)
             got = self.exchange.all_gather(payload)                     # 3. exchange
+            tm.exchanged(got.get("arrival"), self.index)
             if check:
-                self._check_batch(got["batch"])
+                self._track_batches(got["batch"])
+                if on_host:
+                    self._raise_on_mismatch()
             self.step += 1
             if not node.frozen:
-                loss, terms = node.loss(logits, got["logits"], y, self.step / self.total_steps)  # 4. loss
+                progress = self.step / self.total_steps
+                loss, terms = node.loss(logits, got["logits"], y, progress)  # 4. loss
+                weight_sum += node.gate_weights(got["logits"], y, progress)
+                tm.mark("loss")
                 if skip:
                     if not torch.isfinite(loss).item():  # host sync, only in skip mode
                         skipped += 1
                         node.skip_update()
+                        tm.end_step()
                         continue
                 else:
                     finite = torch.isfinite(terms)
                     newly = (first_bad < 0) & ~finite.all()
                     first_bad = torch.where(newly, self.step, first_bad)
                     bad_edges = torch.where(newly, ~finite, bad_edges)
-                node.update(loss)                                       # 5. update
+                node.backward(loss)                                     # 5. update
+                tm.mark("backward")
+                node.step()
+                tm.mark("optimizer")
                 loss_sum += loss.detach()
                 edge_sum += terms
             correct += (logits.detach().argmax(1) == y).sum()
-            if self.log_every and self.index == 0 and (k + 1) % self.log_every == 0:
-                el = time.perf_counter() - t0  # .item() below syncs with the device: only at print time
-                print(f"  epoch {epoch + 1} step {k + 1}/{self.steps_per_epoch} | loss {loss_sum.item() / (k + 1):.3f} | "
-                      f"{(k + 1) * cfg.train.batch_size / el:.0f} img/s | {el:.0f}s", flush=True)
+            tm.end_step()
+            if self.log_every and (k + 1) % self.log_every == 0:
+                self._raise_on_mismatch()
+                if self.index == 0:
+                    el = time.perf_counter() - t0  # .item() below syncs with the device: only at print time
+                    print(f"  epoch {epoch + 1} step {k + 1}/{self.steps_per_epoch} | loss {loss_sum.item() / (k + 1):.3f} | "
+                          f"{(k + 1) * cfg.train.batch_size / el:.0f} img/s | {el:.0f}s", flush=True)
         self.epoch = epoch + 1
         n = self.steps_per_epoch
+        self._raise_on_mismatch()
         self._check_finite(first_bad, bad_edges, epoch)
-        edges = {f"edge_{s}_to_{self.index}_{g}": v / max(1, n - skipped) for (s, _, g), v in zip(node.edges, edge_sum.tolist())}
+        trained = max(1, n - skipped)
+        edges = {f"edge_{s}_to_{self.index}_{g}": v / trained for (s, _, g), v in zip(node.edges, edge_sum.tolist())}
+        weights = {f"gate_{s}_to_{self.index}_{g}": v / trained for (s, _, g), v in zip(node.edges, weight_sum.tolist())}
         return {
             "epoch": epoch + 1,
             "node": self.index,
             "model": node.model_name,
             "frozen": node.frozen,
-            "train_loss": loss_sum.item() / max(1, n - skipped) if not node.frozen else None,
+            "train_loss": loss_sum.item() / trained if not node.frozen else None,
             "train_acc": correct.item() * 100.0 / (n * cfg.train.batch_size),
             "lr": node.lr,
             "skipped_steps": skipped,
             "train_time_s": time.perf_counter() - t0,
             **edges,
+            **weights,
         }
 
     def _check_finite(self, first_bad: torch.Tensor, bad_edges: torch.Tensor, epoch: int) -> None:

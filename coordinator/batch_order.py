@@ -56,7 +56,7 @@ def batch_fingerprint(rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, step
     xw = torch.arange(1, bits[0].numel() + 1, device=x.device, dtype=torch.int64).view_as(bits[0])
     return torch.stack(
         [
-            torch.tensor(step, dtype=torch.int64, device=x.device),
+            torch.full((), step, dtype=torch.int64, device=x.device),  # a fill, not a host->device copy
             (rows[:, PERM].to(x.device) * w.to(x.device)).sum(),
             (y * w.to(y.device)).sum().to(x.device),
             (bits * xw).sum(),

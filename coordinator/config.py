@@ -19,6 +19,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 NONFINITE = ("stop", "skip")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _choice(value: Any, allowed: tuple[str, ...], name: str) -> None:
@@ -113,6 +114,15 @@ class TrainConfig:
     nonfinite: str = "stop"
     """A NaN/inf loss: stop (the group ends with a message naming node, step and edge) or
     skip (that node skips the update of that step; counted as skipped_steps)."""
+    max_steps_per_epoch: int = 0
+    """Cap on the steps of each epoch (0 = the whole training set): a quick look at whether
+    a preset starts and runs, e.g. ``train.epochs=1 train.max_steps_per_epoch=3``."""
+    precision: str = "fp32"
+    """fp32, or bf16: the forward under bf16 autocast (losses, exchange and weights stay fp32)."""
+    channels_last: bool = False
+    """Models and batches in channels_last memory format (faster convolutions on GPUs)."""
+    compile: bool = False
+    """torch.compile each node's model (the first steps are slow while it compiles)."""
 
     def __post_init__(self) -> None:
         _positive(self.epochs, "train.epochs")
@@ -124,6 +134,11 @@ class TrainConfig:
         _positive(self.checkpoint_every, "train.checkpoint_every", allow_zero=True)
         _positive(self.keep_checkpoints, "train.keep_checkpoints")
         _choice(self.nonfinite, NONFINITE, "train.nonfinite")
+        _positive(self.max_steps_per_epoch, "train.max_steps_per_epoch", allow_zero=True)
+        _choice(self.precision, PRECISIONS, "train.precision")
+        for key in ("channels_last", "compile"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"train.{key} must be true or false; got {getattr(self, key)!r}")
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from actors.data import Dataset
 from actors.node import GraphNode
-from actors.worker import build_batch_maker, build_batch_order, build_node
+from actors.worker import build_batch_maker, build_batch_order, build_node, steps_per_epoch
 
 
 def train_sequential(cfg, data: Dataset, max_steps: Optional[int] = None,
@@ -24,7 +24,7 @@ def train_sequential(cfg, data: Dataset, max_steps: Optional[int] = None,
     data = data.to(device)
     order = build_batch_order(cfg, data)
     batches = build_batch_maker(cfg, data, device)
-    spe = order.steps_per_epoch
+    spe = steps_per_epoch(cfg, order)
     total = spe * cfg.train.epochs
     nodes = [build_node(cfg, data, i, spe, device) for i in range(cfg.graph.num_nodes)]
     step = 0
