@@ -1,7 +1,10 @@
 """Shared builders for tests: small, fast configs on digits."""
 from __future__ import annotations
 
+import pickle
 from typing import Any
+
+import numpy as np
 
 from coordinator.config import RunConfig
 
@@ -23,3 +26,25 @@ def small_config(nodes: list[Any], gates: list[list[str]], **overrides: Any) -> 
         else:
             data[section] = value
     return RunConfig.from_dict(data)
+
+
+def write_cifar(root, n_classes, n_train_per_file=6, n_test=5):
+    """Small CIFAR files in torchvision's own on-disk format (pickled batches) under ``root``."""
+    rng = np.random.default_rng(0)
+    if n_classes == 10:
+        folder = root / "cifar-10-batches-py"
+        files, key = [f"data_batch_{i}" for i in range(1, 6)], b"labels"
+        test = ["test_batch"]
+    else:
+        folder = root / "cifar-100-python"
+        files, key, test = ["train"], b"fine_labels", ["test"]
+    folder.mkdir(parents=True)
+    expected = {}
+    for name in files + test:
+        n = n_test if name in test else n_train_per_file
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, n_classes, size=n).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, key: labels, b"batch_label": b"x"}, f)
+        expected[name] = (data, labels)
+    return expected

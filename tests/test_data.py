@@ -8,6 +8,7 @@ import torch
 
 from actors.data import DatasetError, augment, load_dataset, to_float
 from coordinator.errors import ConfigError
+from tests.helpers import write_cifar
 
 
 def test_digits_splits_are_fixed_and_disjoint():
@@ -29,30 +30,9 @@ def test_digits_val_split_depends_on_split_seed_only():
     assert torch.equal(a.test.y, b.test.y)  # the test split never moves
 
 
-def _write_cifar(root, n_classes, n_train_per_file=6, n_test=5):
-    rng = np.random.default_rng(0)
-    if n_classes == 10:
-        folder = root / "cifar-10-batches-py"
-        files, key = [f"data_batch_{i}" for i in range(1, 6)], b"labels"
-        test = ["test_batch"]
-    else:
-        folder = root / "cifar-100-python"
-        files, key, test = ["train"], b"fine_labels", ["test"]
-    folder.mkdir(parents=True)
-    expected = {}
-    for name in files + test:
-        n = n_test if name in test else n_train_per_file
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, n_classes, size=n).tolist()
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, key: labels, b"batch_label": b"x"}, f)
-        expected[name] = (data, labels)
-    return expected
-
-
 @pytest.mark.parametrize("n_classes", [10, 100])
 def test_cifar_reads_torchvision_format(tmp_path, n_classes):
-    expected = _write_cifar(tmp_path, n_classes)
+    expected = write_cifar(tmp_path, n_classes)
     d = load_dataset(f"cifar{n_classes}", root=str(tmp_path))
     n_train = 30 if n_classes == 10 else 6
     assert len(d.train) == n_train and len(d.test) == 5
@@ -70,7 +50,7 @@ def test_cifar_missing_names_expected_path(tmp_path):
 
 
 def test_cifar_corrupt_file_is_named(tmp_path):
-    _write_cifar(tmp_path, 100)
+    write_cifar(tmp_path, 100)
     (tmp_path / "cifar-100-python" / "train").write_bytes(b"not a pickle")
     with pytest.raises(DatasetError, match=r"cifar-100-python/train is not a readable CIFAR batch file"):
         load_dataset("cifar100", root=str(tmp_path))
