@@ -15,6 +15,7 @@ graph nodes; NCCL with one GPU per rank, gloo on CPU: the same code) and returns
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -105,11 +106,35 @@ def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor) -> None:
 _ALIGN = 16  # bytes
 
 
+class _Plan:
+    """Buffers of one payload layout: the tensors packed into one flat uint8 send buffer
+    (each at a 16-byte aligned offset), an ``[M, bytes]`` receive buffer, and the views of
+    it that ``all_gather`` returns: ``name -> [M, *shape]`` in the original dtype. Built
+    once per layout, so a step's exchange is one copy per tensor plus the collective."""
+
+    def __init__(self, layout: tuple, world_size: int):
+        self.spans: list[tuple[int, int]] = []
+        offset = 0
+        for _, shape, dtype, _ in layout:
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            self.spans.append((offset, size))
+            offset += size + (-size % _ALIGN)  # keep every tensor's offset aligned for the views
+        device = layout[0][3]
+        self.send = torch.zeros(offset, dtype=torch.uint8, device=device)
+        self.recv_flat = torch.empty(world_size * offset, dtype=torch.uint8, device=device)
+        recv = self.recv_flat.view(world_size, offset)  # gloo only takes the flat layout
+        self.views = {
+            name: recv[:, off : off + size].view(dtype).view(world_size, *shape)
+            for (name, shape, dtype, _), (off, size) in zip(layout, self.spans)
+        }
+
+
 class Exchange:
     """Collectives of one actor group. Works unchanged at world size 1."""
 
     def __init__(self, env: DistEnv):
         self.env = env
+        self._plans: dict[tuple, _Plan] = {}  # per payload layout: reused send/receive buffers
 
     @property
     def rank(self) -> int:
@@ -122,26 +147,18 @@ class Exchange:
     def all_gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One all-gather of several named tensors. Every rank must pass the same names,
         shapes and dtypes (true by construction: same graph, same batch size). Returns each
-        name stacked over nodes: ``[M, *shape]``, detached."""
-        names = list(tensors)
-        parts = [tensors[n].detach().contiguous() for n in names]
-        flat, sizes = [], []
-        for p in parts:
-            b = p.reshape(-1).view(torch.uint8)
-            sizes.append(b.numel())
-            pad = -b.numel() % _ALIGN  # keep every tensor's offset aligned for the view back
-            flat.append(torch.cat([b, b.new_zeros(pad)]) if pad else b)
-        buf = torch.cat(flat) if len(flat) > 1 else flat[0]
-        out = torch.empty(self.world_size * buf.numel(), dtype=torch.uint8, device=buf.device)
-        # Gloo only takes the concatenated layout; view it as [M, bytes] afterwards.
-        _all_gather_flat(out, buf)
-        out = out.view(self.world_size, buf.numel())
-        result, offset = {}, 0
-        for name, p, size, f in zip(names, parts, sizes, flat):
-            chunk = out[:, offset : offset + size].contiguous().view(p.dtype)
-            result[name] = chunk.view(self.world_size, *p.shape)
-            offset += f.numel()
-        return result
+        name stacked over nodes: ``[M, *shape]``, detached.
+
+        The returned tensors are views into a receive buffer that is reused by the next
+        call with the same layout: use them within the step (clone to keep them longer)."""
+        layout = tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in tensors.items())
+        plan = self._plans.get(layout)
+        if plan is None:
+            plan = self._plans[layout] = _Plan(layout, self.world_size)
+        for (off, size), t in zip(plan.spans, tensors.values()):
+            plan.send[off : off + size].copy_(t.detach().reshape(-1).view(torch.uint8))
+        _all_gather_flat(plan.recv_flat, plan.send)
+        return plan.views
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """In-place broadcast from ``src``; other ranks pass a buffer of the same shape."""

@@ -23,6 +23,7 @@ from actors.checkpoint import atomic_save
 from actors.data import Dataset, Split, augment, to_float
 from actors.exchange import DistEnv, Exchange
 from actors.node import GraphNode
+from actors.progress import EpochProgress
 from actors.timing import NO_TIMER
 from coordinator.checkpoints import save_node
 from coordinator.batch_order import DX, DY, FLIP, PERM, BatchOrder, batch_fingerprint
@@ -131,15 +132,22 @@ class NodeWorker:
         self._mismatch_nodes = torch.where(newly, differ, self._mismatch_nodes)
 
     def _raise_on_mismatch(self) -> None:
-        """Read the tracked mismatch (a host sync): called at every check on CPU, where it
-        costs nothing, and on an accelerator at progress lines and at the end of the epoch."""
+        """Read the mismatch tracked on an accelerator (a host sync): at progress lines and
+        at the end of the epoch."""
         step = int(self._mismatch_step)
         if step >= 0:
-            bad = [i for i, b in enumerate(self._mismatch_nodes.tolist()) if b]
-            raise BatchMismatchError(
-                f"node(s) {bad} hold a different batch than node 0 at step {step}; a node has drifted "
-                "from the coordinator's batch order, so the run stops instead of training on mismatched batches"
-            )
+            self._mismatch_error(step, [i for i, b in enumerate(self._mismatch_nodes.tolist()) if b])
+
+    def _check_batch(self, fingerprints: torch.Tensor) -> None:
+        if not bool((fingerprints == fingerprints[0]).all()):
+            differ = (fingerprints != fingerprints[0]).any(dim=1)
+            self._mismatch_error(self.step + 1, [i for i, b in enumerate(differ.tolist()) if b])
+
+    def _mismatch_error(self, step: int, nodes: list[int]) -> None:
+        raise BatchMismatchError(
+            f"node(s) {nodes} hold a different batch than node 0 at step {step}; a node has drifted "
+            "from the coordinator's batch order, so the run stops instead of training on mismatched batches"
+        )
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training set's plan for ``epoch``. Returns this node's metrics.
@@ -168,6 +176,13 @@ class NodeWorker:
         every = cfg.train.check_batch_every
         if self.first_step_at is None:
             self.first_step_at = time.time()
+        bar = None
+        if self.index == 0 and cfg.train.progress != "off":
+            done = self.step  # loss_sum covers the steps of this epoch only
+            bar = EpochProgress(cfg.train.progress, epoch + 1, cfg.train.epochs, self.steps_per_epoch,
+                                cfg.train.batch_size, self.log_every,
+                                read_loss=lambda: loss_sum.item() / max(1, self.step - done - skipped),
+                                loss_is_free=on_host)
         for k in range(self.steps_per_epoch):
             tm.start()
             rows = self.order.batch(plan, k)
@@ -184,9 +199,10 @@ class NodeWorker:
             got = self.exchange.all_gather(payload)                     # 3. exchange
             tm.exchanged(got.get("arrival"), self.index)
             if check:
-                self._track_batches(got["batch"])
-                if on_host:
-                    self._raise_on_mismatch()
+                if on_host:  # reading the fingerprints costs nothing on the CPU: check at once
+                    self._check_batch(got["batch"])
+                else:
+                    self._track_batches(got["batch"])
             self.step += 1
             if not node.frozen:
                 progress = self.step / self.total_steps
@@ -212,12 +228,12 @@ class NodeWorker:
                 edge_sum += terms
             correct += (logits.detach().argmax(1) == y).sum()
             tm.end_step()
-            if self.log_every and (k + 1) % self.log_every == 0:
+            if self.log_every and (k + 1) % self.log_every == 0 and not on_host:
                 self._raise_on_mismatch()
-                if self.index == 0:
-                    el = time.perf_counter() - t0  # .item() below syncs with the device: only at print time
-                    print(f"  epoch {epoch + 1} step {k + 1}/{self.steps_per_epoch} | loss {loss_sum.item() / (k + 1):.3f} | "
-                          f"{(k + 1) * cfg.train.batch_size / el:.0f} img/s | {el:.0f}s", flush=True)
+            if bar is not None:
+                bar.update(k + 1)
+        if bar is not None:
+            bar.close()
         self.epoch = epoch + 1
         n = self.steps_per_epoch
         self._raise_on_mismatch()

@@ -20,6 +20,7 @@ LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 NONFINITE = ("stop", "skip")
 PRECISIONS = ("fp32", "bf16")
+PROGRESS = ("auto", "bar", "lines", "off")
 
 
 def _choice(value: Any, allowed: tuple[str, ...], name: str) -> None:
@@ -101,7 +102,11 @@ class TrainConfig:
     num_threads: int = 0
     """torch intra-op threads per process (0 = leave torch's/torchrun's default)."""
     log_every: int = 0
-    """Progress line every N steps on rank 0 (0 = auto: ~5 per epoch when an epoch has >= 200 steps)."""
+    """With progress=lines: a line every N steps on rank 0 (0 = auto: ~5 per epoch when an
+    epoch has >= 200 steps). On an accelerator, also how often the batch check is read."""
+    progress: str = "auto"
+    """Rank 0's progress within an epoch: bar (redrawn in place), lines (every log_every
+    steps), off, or auto (bar on a terminal, lines otherwise). Other ranks print nothing."""
     checkpoint_every: int = 1
     """Save the whole group's state (every node: model, optimiser, schedule, step, RNG) every
     N epochs under <run_dir>/checkpoints/ (0 = never); each node's final state is always
@@ -131,6 +136,7 @@ class TrainConfig:
         _positive(self.check_batch_every, "train.check_batch_every", allow_zero=True)
         _positive(self.num_threads, "train.num_threads", allow_zero=True)
         _positive(self.log_every, "train.log_every", allow_zero=True)
+        _choice(self.progress, PROGRESS, "train.progress")
         _positive(self.checkpoint_every, "train.checkpoint_every", allow_zero=True)
         _positive(self.keep_checkpoints, "train.keep_checkpoints")
         _choice(self.nonfinite, NONFINITE, "train.nonfinite")

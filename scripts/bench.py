@@ -1,0 +1,270 @@
+"""Benchmark: where a node's step time goes, and what one process per node buys.
+
+    .venv/bin/python scripts/bench.py                 # ~2 min on 2 CPU cores; prints the tables
+    .venv/bin/python scripts/bench.py --json out.json # also the raw numbers
+    .venv/bin/python scripts/bench.py --device cuda   # on a machine with >= 3 GPUs (NCCL)
+
+Everything is measured in this one run, on digits (8x8, 10 classes), with the real
+trainer: M spawned processes forming a gloo (or NCCL) group, each running the real
+``NodeWorker.train_epoch`` with an ``actors.timing.StepTimer`` attached, and every CPU
+process limited to **one thread** (so that M processes use M cores and the single-process
+reference uses one: the comparison the reference implementations invite). Tables:
+
+1. the parts of a node's step (batch, forward, wait, exchange, loss, backward, optimiser)
+   for 1, 2 and 3 ResNet32 nodes at batch 64;
+2. throughput of the M-process group vs the single-process reference that trains the
+   same M models one after the other on the same batches (``coordinator.sequential``);
+3. the exchange's share of the step as M and the batch size grow, and the all-gather
+   alone for CIFAR-100/Tiny-ImageNet-sized payloads;
+4. a heterogeneous graph (ResNet32 + ResNet110): how long the fast node waits.
+
+"wait" is the time a node spends in the all-gather before the slowest node arrives
+(load imbalance); "exchange" is the rest of the all-gather (the transfer itself, plus
+packing the batch fingerprint). See docs/performance.md for a recorded run and the cost
+model for many nodes and machines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from actors.data import load_dataset  # noqa: E402
+from actors.exchange import Exchange, free_port, init_distributed, shutdown  # noqa: E402
+from actors.timing import PARTS, StepTimer  # noqa: E402
+from actors.worker import NodeWorker  # noqa: E402
+from coordinator.config import RunConfig  # noqa: E402
+from coordinator.sequential import SequentialGroup  # noqa: E402
+
+
+def make_config(models: list[str], batch_size: int, steps: int, device: str) -> tuple[RunConfig, int]:
+    """A DML-style graph (every edge Through) over ``models``, with enough capped epochs for
+    one warm-up epoch and ``steps`` timed steps. Returns (config, steps per epoch)."""
+    m = len(models)
+    spe = min(1437 // batch_size, steps)  # digits: 1437 training images with no val split
+    epochs = 1 + math.ceil(steps / spe)
+    cfg = RunConfig.from_dict({
+        "graph": {"name": "bench", "nodes": [{"model": x} for x in models], "gates": [["Through"] * m] * m},
+        "dataset": {"name": "digits", "val_fraction": 0.0, "crop_pad": 1, "flip": False},
+        "optim": {"lr": 0.02, "schedule": "constant", "milestones": []},
+        "train": {"epochs": epochs, "batch_size": batch_size, "num_threads": 1, "max_steps_per_epoch": spe,
+                  "progress": "off"},
+        "logger": {"backend": "none"},
+        "device": device,
+    })
+    return cfg, spe
+
+
+def _pin(core: int) -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+
+
+def _node(rank: int, world: int, port: int, cases: list[dict[str, Any]], device: str, pin: bool, results) -> None:
+    """One graph node of the benchmark group: every case in turn, in one process group."""
+    torch.set_num_threads(1)
+    if pin:
+        _pin(rank)
+    env = init_distributed(rank, world, rank, f"tcp://127.0.0.1:{port}", device, "auto")
+    ex = Exchange(env)
+    data = load_dataset("digits", val_fraction=0.0)
+    out = []
+    try:
+        for case in cases:
+            if case["kind"] == "train":
+                cfg, spe = make_config(case["models"], case["batch_size"], case["steps"], device)
+                worker = NodeWorker(cfg, env, ex, data, None)
+                worker.timer = StepTimer(env.device)
+                worker.train_epoch(0)  # warm-up epoch (allocator, caches, first-call costs)
+                worker.timer.reset()
+                for e in range(1, cfg.train.epochs):
+                    worker.train_epoch(e)
+                out.append({**case, **worker.timer.summary(), "steps_timed": worker.timer.steps})
+            else:  # the all-gather alone, for a [B, C] float32 payload
+                x = torch.randn(case["batch_size"], case["classes"], device=env.device)
+                for _ in range(5):
+                    ex.all_gather({"logits": x})
+                ex.barrier()
+                n = case["reps"]
+                t = time.perf_counter()
+                for _ in range(n):
+                    ex.all_gather({"logits": x})
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize()
+                out.append({**case, "allgather": (time.perf_counter() - t) / n})
+        results.put((rank, out))
+    finally:
+        shutdown()
+
+
+def run_group(world: int, cases: list[dict[str, Any]], device: str, pin: bool) -> list[list[dict[str, Any]]]:
+    """Spawn ``world`` node processes, run ``cases``; returns each rank's results. With
+    ``pin``, node r runs on CPU core r (only when there are at least ``world`` cores)."""
+    pin = pin and device == "cpu" and world <= (os.cpu_count() or 1)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_node, args=(r, world, port, cases, device, pin, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, Any] = {}
+    try:
+        while len(got) < world:
+            try:
+                rank, out = results.get(timeout=5)
+                got[rank] = out
+            except Exception:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a benchmark node died (exit codes {dead})")
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [got[r] for r in range(world)]
+
+
+def sequential_step_time(models: list[str], batch: int, steps: int, pin: bool) -> float:
+    """Seconds per step of the single-process reference training ``models`` one after the
+    other (one thread; on core 0 with ``pin``), after one warm-up epoch."""
+    torch.set_num_threads(1)
+    if pin:
+        _pin(0)
+    cfg, spe = make_config(models, batch, steps, "cpu")
+    group = SequentialGroup(cfg, load_dataset("digits", val_fraction=0.0))
+    it = group.batches()
+    for _ in range(spe):  # warm-up
+        group.step(*next(it))
+    n, t = 0, time.perf_counter()
+    for x, y in it:
+        group.step(x, y)
+        n += 1
+    return (time.perf_counter() - t) / n
+
+
+def ms(v: float) -> str:
+    return f"{v * 1e3:.2f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per case (after a warm-up epoch)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: gloo, one thread per process; cuda: NCCL, one GPU per node")
+    ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--quick", action="store_true", help="a few steps per case: checks that the benchmark runs, measures nothing")
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="do not pin node r to CPU core r (pinning applies when there are at least M cores)")
+    args = ap.parse_args(argv)
+    reps = 200
+    if args.quick:
+        args.steps, reps = 2, 3
+    if args.device == "cuda" and torch.cuda.device_count() < 3:
+        ap.error(f"--device cuda needs 3 GPUs (one per node); {torch.cuda.device_count()} visible")
+    t_start = time.perf_counter()
+    cores = os.cpu_count() or 1
+    print(f"ktg benchmark: digits, {args.device}, torch {torch.__version__}, {cores} CPU cores, "
+          f"{args.steps} timed steps per case, 1 thread per process", flush=True)
+    if args.device == "cpu" and cores < 3:
+        print(f"note: {cores} cores: the 3-node group shares them (3 processes on {cores} cores), so its "
+              "speed-up is capped at the core count", flush=True)
+
+    batches = (16, 64, 256)
+    raw: dict[str, Any] = {"device": args.device, "cores": cores, "steps": args.steps, "torch": torch.__version__}
+    groups: dict[int, list[list[dict[str, Any]]]] = {}
+    for m in (1, 2, 3):
+        cases = [{"kind": "train", "models": ["resnet32"] * m, "batch_size": b, "steps": args.steps} for b in batches]
+        cases += [{"kind": "allgather", "batch_size": b, "classes": c, "reps": reps} for c in (100, 200) for b in (64, 256, 1024)]
+        t = time.perf_counter()
+        groups[m] = run_group(m, cases, args.device, args.pin)
+        print(f"  group of {m} ResNet32 node(s): {time.perf_counter() - t:.0f}s", flush=True)
+    hetero = [g[0] for g in run_group(2, [{"kind": "train", "models": ["resnet32", "resnet110"], "batch_size": 64,
+                                          "steps": args.steps}], args.device, args.pin)]
+    print("  heterogeneous group (ResNet32 + ResNet110): done", flush=True)
+    seq: dict[str, float] = {}
+    if args.device == "cpu":
+        for m in (1, 2, 3):
+            seq[f"resnet32x{m}"] = sequential_step_time(["resnet32"] * m, 64, args.steps, args.pin)
+        seq["resnet32+resnet110"] = sequential_step_time(["resnet32", "resnet110"], 64, args.steps, args.pin)
+        print("  single-process references: done", flush=True)
+    raw.update(groups={str(m): g for m, g in groups.items()}, hetero=hetero, sequential=seq)
+
+    def mean_over_nodes(rows: list[dict[str, Any]], key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    def case(m: int, batch: int) -> list[dict[str, Any]]:
+        return [next(c for c in g if c["kind"] == "train" and c["batch_size"] == batch) for g in groups[m]]
+
+    # 1. parts of the step
+    print("\n### 1. A node's step, by part (ResNet32 nodes, batch 64; ms, mean over nodes)\n")
+    print("| nodes | " + " | ".join(PARTS) + " | step |")
+    print("|---" * (len(PARTS) + 2) + "|")
+    for m in (1, 2, 3):
+        rows = case(m, 64)
+        print(f"| {m} | " + " | ".join(ms(mean_over_nodes(rows, p)) for p in PARTS) + f" | {ms(mean_over_nodes(rows, 'step'))} |")
+
+    # 2. group vs single process
+    if seq:
+        print("\n### 2. Throughput: M processes vs one process training the M models in turn (batch 64)\n")
+        print("| graph | group step (ms) | sequential step (ms) | group images/s | sequential images/s | speed-up |")
+        print("|---|---|---|---|---|---|")
+        ratios = {}
+        for name, rows, s in [(f"{m} x ResNet32", case(m, 64), seq[f"resnet32x{m}"]) for m in (1, 2, 3)] + \
+                             [("ResNet32 + ResNet110", hetero, seq["resnet32+resnet110"])]:
+            g = max(r["step"] for r in rows)  # the group moves at its slowest node's pace
+            ratios[name] = s / g
+            print(f"| {name} | {ms(g)} | {ms(s)} | {64 / g:.0f} | {64 / s:.0f} | **{s / g:.2f}x** |")
+        raw["speedup"] = ratios
+
+    # 3. exchange share vs M and batch
+    print("\n### 3. The exchange's share of the step (ResNet32 nodes; exchange = all-gather transfer, wait = waiting for the slowest node)\n")
+    print("| nodes | batch | bytes sent per node | exchange (ms) | wait (ms) | step (ms) | exchange % | exchange + wait % |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m in (1, 2, 3):
+        for b in batches:
+            rows = case(m, b)
+            ex, wt, st = (mean_over_nodes(rows, k) for k in ("exchange", "wait", "step"))
+            nbytes = b * 10 * 4 + 32  # fp32 logits + the batch fingerprint
+            print(f"| {m} | {b} | {nbytes:,} | {ms(ex)} | {ms(wt)} | {ms(st)} | {100 * ex / st:.1f}% | {100 * (ex + wt) / st:.1f}% |")
+    print(f"\nThe all-gather alone (one [B, C] fp32 tensor per node; mean of {reps}; ms):\n")
+    print("| nodes | C | B=64 | B=256 | B=1024 |")
+    print("|---|---|---|---|---|")
+    for m in (1, 2, 3):
+        for c in (100, 200):
+            vals = [next(x for x in groups[m][0] if x["kind"] == "allgather" and x["classes"] == c and x["batch_size"] == b)["allgather"]
+                    for b in (64, 256, 1024)]
+            print(f"| {m} | {c} | " + " | ".join(ms(v) for v in vals) + " |")
+
+    # 4. heterogeneous
+    print("\n### 4. Heterogeneous graph: ResNet32 (node 0) + ResNet110 (node 1), batch 64 (ms)\n")
+    print("| node | model | forward | wait | exchange | loss | backward | optimizer | step | waiting share |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for i, (r, model) in enumerate(zip(hetero, ["resnet32", "resnet110"])):
+        print(f"| {i} | {model} | " + " | ".join(ms(r[p]) for p in ("forward", "wait", "exchange", "loss", "backward", "optimizer"))
+              + f" | {ms(r['step'])} | {100 * r['wait'] / r['step']:.0f}% |")
+
+    # the issue's acceptance figures
+    two = case(2, 64)
+    share = mean_over_nodes(two, "exchange") / mean_over_nodes(two, "step")
+    share_w = (mean_over_nodes(two, "exchange") + mean_over_nodes(two, "wait")) / mean_over_nodes(two, "step")
+    print(f"\n2-node ResNet32 group, batch 64: exchange {100 * share:.1f}% of the step "
+          f"({100 * share_w:.1f}% with waiting)" + (f"; {raw['speedup']['2 x ResNet32']:.2f}x the single-process reference" if seq else ""))
+    print(f"benchmark wall time: {time.perf_counter() - t_start:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
