@@ -121,7 +121,8 @@ class _Plan:
             offset += size + (-size % _ALIGN)  # keep every tensor's offset aligned for the views
         device = layout[0][3]
         self.send = torch.zeros(offset, dtype=torch.uint8, device=device)
-        self.recv_flat = torch.empty(world_size * offset, dtype=torch.uint8, device=device)
+        # a group of one gathers nothing: its receive buffer is its send buffer
+        self.recv_flat = self.send if world_size == 1 else torch.empty(world_size * offset, dtype=torch.uint8, device=device)
         recv = self.recv_flat.view(world_size, offset)  # gloo only takes the flat layout
         self.views = {
             name: recv[:, off : off + size].view(dtype).view(world_size, *shape)
@@ -157,7 +158,8 @@ class Exchange:
             plan = self._plans[layout] = _Plan(layout, self.world_size)
         for (off, size), t in zip(plan.spans, tensors.values()):
             plan.send[off : off + size].copy_(t.detach().reshape(-1).view(torch.uint8))
-        _all_gather_flat(plan.recv_flat, plan.send)
+        if self.world_size > 1:
+            _all_gather_flat(plan.recv_flat, plan.send)
         return plan.views
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -52,6 +52,9 @@ class SearchConfig:
     """Node 0's model: fixed, not searched."""
     zoo: list[str] = field(default_factory=lambda: ["resnet32", "resnet110", "wrn28_2"])
     """Models to choose from for nodes 1..M-1."""
+    models: Optional[list[str]] = None
+    """Fix every node's model (node 0 first) and search the gates only, e.g. the slides'
+    3-node models: [resnet32, resnet110, resnet32]. Sets num_nodes and target_model."""
     gates: list[str] = field(default_factory=lambda: ["Through", "Cutoff", "Linear", "Correct"])
     """Gates to choose from for each of the M x M edges."""
     frozen: str = "teachers"
@@ -90,6 +93,15 @@ class SearchConfig:
     verbose: int = 1
 
     def __post_init__(self) -> None:
+        if self.models is not None:
+            if not isinstance(self.models, list) or not self.models:
+                raise ConfigError(f"search.models must be a non-empty list of model names (node 0 first); got {self.models!r}")
+            for i, m in enumerate(self.models):
+                if m not in MODELS:
+                    raise ConfigError(f"search.models[{i}]: unknown model {m!r}; known: {', '.join(MODELS.names())}")
+            self.models = [MODELS.canonical(m) for m in self.models]
+            self.num_nodes, self.target_model = len(self.models), self.models[0]
+            self.zoo = list(dict.fromkeys(self.models[1:])) or [self.target_model]
         if not isinstance(self.num_nodes, int) or self.num_nodes < 1:
             raise ConfigError(f"search.num_nodes must be an integer >= 1; got {self.num_nodes!r}")
         for i, m in enumerate([self.target_model, *self.zoo]):
@@ -136,7 +148,8 @@ class SearchConfig:
 
     def choices(self) -> dict[str, list]:
         """The flat space: model_<i> for non-target nodes, gate_<t>_<s> per edge, extras."""
-        space: dict[str, list] = {f"model_{i}": list(self.zoo) for i in range(1, self.num_nodes)}
+        space: dict[str, list] = {f"model_{i}": [self.models[i]] if self.models else list(self.zoo)
+                                  for i in range(1, self.num_nodes)}
         for t in range(self.num_nodes):
             for s in range(self.num_nodes):
                 space[f"gate_{t}_{s}"] = list(self.gates)
@@ -292,26 +305,52 @@ def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfi
 
 
 class Progress(Callback):
-    """A compact line per finished trial, instead of Tune's tables."""
+    """The search's console: one compact line per ended trial (completed, stopped by ASHA,
+    failed), and every ``every_s`` seconds a status line (running trials and their epochs,
+    trials done, best so far), instead of Tune's tables."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.best = total, 0, -1.0
+    def __init__(self, total: int, max_epochs: int = 0, every_s: float = 30.0):
+        self.total, self.max_epochs, self.every_s = total, max_epochs, every_s
+        self.done, self.best, self.best_trial = 0, -1.0, None
+        self.t0 = self.last = time.monotonic()
+
+    def _seen(self, trial, result) -> None:
+        acc = (result or {}).get(METRIC)
+        if acc is not None and not (result or {}).get("invalid") and acc > self.best:
+            self.best, self.best_trial = acc, trial.trial_id
 
     def _line(self, trial, status: str) -> None:
         self.done += 1
         r = trial.last_result or {}
+        self._seen(trial, r)
+        epoch = r.get("epoch", 0)
+        if status == "finished":
+            status = "completed" if not self.max_epochs or epoch >= self.max_epochs else "stopped by ASHA"
         acc = r.get(METRIC)
-        if acc is not None and not r.get("invalid"):
-            self.best = max(self.best, acc)
         acc_s = f"{acc:.2f}" if acc is not None else "-"
         print(f"[search] {self.done}/{self.total} trial {trial.trial_id} {status} at epoch "
-              f"{r.get('epoch', 0)}: val {acc_s} (best so far {self.best:.2f})", flush=True)
+              f"{epoch}: val {acc_s} (best so far {self.best:.2f})", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._seen(trial, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._line(trial, "finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(trial, "FAILED")
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        running = [t for t in trials if t.status == "RUNNING"]
+        epochs = ", ".join(str((t.last_result or {}).get("epoch", 0)) for t in running[:8]) + (", ..." if len(running) > 8 else "")
+        best = f"best val {self.best:.2f} ({self.best_trial})" if self.best_trial else "no result yet"
+        el = int(now - self.t0)
+        print(f"[search] {el // 3600}:{el % 3600 // 60:02d}:{el % 60:02d} | {len(running)} running"
+              + (f" (at epochs {epochs})" if running else "") + f" | {self.done}/{self.total} done | {best}", flush=True)
 
 
 def _trial_dirname(trial) -> str:
@@ -353,6 +392,7 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
     base = _base_dict(base)
     base.setdefault("train", {})["epochs"] = space.max_epochs
     base["train"]["checkpoint_every"] = 0  # trials checkpoint through Tune (search.checkpoint_every)
+    base["train"]["progress"] = "off"  # the search prints its own progress (Progress)
     RunConfig.from_dict({**base, "graph": {"nodes": [space.target_model], "gates": [["Through"]]}})  # validate early
     space = copy.deepcopy(space)
     space.teachers_dir = os.path.abspath(space.teachers_dir)
@@ -404,7 +444,7 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
                 name=experiment, storage_path=str(out_dir.parent), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=space.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[Progress(space.num_samples)] if space.verbose else [],
+                callbacks=[Progress(space.num_samples, space.max_epochs)] if space.verbose else [],
             ),
         )
     t0 = time.time()

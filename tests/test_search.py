@@ -44,6 +44,34 @@ def _params(gates, models=("convnet", "resnet32")):
     return p
 
 
+def test_fixed_models_search_the_gates_only():
+    s = space(models=["resnet32", "ResNet110", "resnet32"], num_nodes=7, target_model="convnet")
+    assert (s.num_nodes, s.target_model) == (3, "resnet32")
+    sampler = GraphRandomSearch(s, seed=0)
+    graphs = [s.graph_from(sampler.suggest(str(i))) for i in range(10)]
+    assert all([n["model"] for n in g["nodes"]] == ["resnet32", "resnet110", "resnet32"] for g in graphs)
+    assert len({describe_gates(g["gates"]) for g in graphs}) == 10  # the gates vary
+    with pytest.raises(ConfigError, match=r"search.models\[1\]: unknown model 'vgg'"):
+        space(models=["resnet32", "vgg"])
+
+
+def test_search_console_names_how_each_trial_ended(capsys):
+    from types import SimpleNamespace
+
+    from coordinator.search import METRIC, Progress
+
+    p = Progress(total=3, max_epochs=8, every_s=0.0)
+    t = lambda i, ep, acc, st="TERMINATED": SimpleNamespace(trial_id=f"t{i}", status=st, last_result={"epoch": ep, METRIC: acc})  # noqa: E731
+    p.on_trial_complete(0, [], t(1, 2, 50.0))
+    p.on_trial_complete(0, [], t(2, 8, 70.0))
+    p.on_trial_result(0, [], t(3, 3, 75.0, "RUNNING"), {"epoch": 3, METRIC: 75.0})
+    p.on_step_end(0, [t(3, 3, 75.0, "RUNNING")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[search] 1/3 trial t1 stopped by ASHA at epoch 2: val 50.00 (best so far 50.00)"
+    assert out[1] == "[search] 2/3 trial t2 completed at epoch 8: val 70.00 (best so far 70.00)"
+    assert out[2].endswith("| 1 running (at epochs 3) | 2/3 done | best val 75.00 (t3)"), out[2]
+
+
 def test_frozen_target_is_never_a_graph():
     s = space()
     assert s.graph_from(_params([["Cutoff"] * 3, ["Through"] * 3, ["Through"] * 3])) is None
