@@ -525,6 +525,10 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
         "best_models": best["models"], "best_gates": best["gates"],
         "wall_s": wall_s,
         "launch_overhead_s_mean": sum(overheads) / len(overheads) if overheads else None,
+        # ASHA's schedule, for the search picture's rungs (coordinator.pictures.draw_search)
+        "grace_period": space.grace_period,
+        "reduction_factor": space.reduction_factor,
+        "max_epochs": space.max_epochs,
     }
     (out_dir / "search_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(render_table(rows), flush=True)

@@ -1,0 +1,599 @@
+"""Pictures of graphs, runs and searches (PNG + SVG), drawn with matplotlib.
+
+- ``draw_graph``: a knowledge transfer graph as the KTG paper draws it: nodes on a circle
+  (node 0, the target, at the top), one arrow per edge s -> t labelled with its gate, the
+  label edge as a self-loop, Cutoff edges left out, frozen nodes grey with a ``*``.
+- ``draw_learning_curves``: a run's ``metrics.jsonl``: train loss, validation and test
+  accuracy per node, the gated loss (and gate weight, when recorded) of every edge.
+- ``draw_search``: a search folder: every trial's target validation accuracy per epoch,
+  ASHA's rungs, the best trial highlighted; and the best graph beside it.
+
+Only ``matplotlib.figure.Figure`` with the Agg canvas is used (never pyplot), so drawing
+needs no display and leaves a notebook's backend alone. SVGs keep their text as ``<text>``.
+The command line is ``coordinator.draw`` (``ktg-draw``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from coordinator.graph import GraphSpec
+
+PRETTY_MODELS = {
+    "resnet20": "ResNet20",
+    "resnet32": "ResNet32",
+    "resnet110": "ResNet110",
+    "wrn28_2": "WRN28-2",
+    "convnet": "ConvNet",
+}
+GATE_COLORS = {
+    "Through": "#1f5fa8",
+    "Linear": "#2a9d3a",
+    "NegativeLinear": "#e07b00",
+    "Correct": "#8e44ad",
+}
+NODE_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+               "#7f7f7f", "#bcbd22"]
+DPI = 130
+_EDGE_KEY = re.compile(r"^edge_(\d+)_to_(\d+)_(\w+)$")
+_GATE_KEY = re.compile(r"^gate_(\d+)_to_(\d+)_(\w+)$")
+
+
+def pretty_model(name: str) -> str:
+    return PRETTY_MODELS.get(name, name)
+
+
+def node_label(graph: "GraphSpec", i: int) -> str:
+    """``0: ResNet32``; a frozen node gets the paper's ``*`` (``2: ResNet110*``)."""
+    return f"{i}: {pretty_model(graph.nodes[i].model)}{'*' if graph.is_frozen(i) else ''}"
+
+
+# --- saving -------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI)
+
+
+def _save(fig, stem: Path, formats: tuple[str, ...] = ("png", "svg"), dpi: int = DPI) -> list[Path]:
+    import matplotlib
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "ktg"}):
+        for fmt in formats:
+            path = stem.parent / f"{stem.name}.{fmt}"
+            fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.15,
+                        facecolor="white", metadata={"Date": None} if fmt == "svg" else None)
+            paths.append(path)
+    return paths
+
+
+# --- graphs -------------------------------------------------------------------------------------
+
+
+def load_graph_file(path: str | Path) -> "GraphSpec":
+    """A graph from a YAML or JSON file: a graph config (``conf/graph/*.yaml``, a search's
+    ``best_graph.yaml``) or a whole run config with a ``graph`` key (``run_config.json``,
+    ``.hydra/config.yaml``). Read as plain YAML: interpolations such as
+    ``${dataset.name}`` in checkpoint paths stay unresolved (drawing does not need them)."""
+    import yaml
+
+    from coordinator.errors import ConfigError
+    from coordinator.graph import GraphSpec
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from e
+    if isinstance(data, dict) and "nodes" not in data and isinstance(data.get("graph"), dict):
+        data = data["graph"]
+    if not isinstance(data, dict) or "nodes" not in data or "gates" not in data:
+        raise ConfigError(f"{path}: not a graph (a mapping with 'nodes' and 'gates', or a run config with a 'graph')")
+    allowed = {"name", "nodes", "gates", "temperature", "loss", "reduction"}
+    data = {k: v for k, v in data.items() if k in allowed}  # e.g. hydra's 'defaults'
+    data.setdefault("name", path.stem)
+    return GraphSpec.from_dict(data)
+
+
+def _layout(m: int, half_width: float) -> tuple[float, list[tuple[float, float]], list[float]]:
+    """Radius and node centres: node 0 at the top, the others clockwise; neighbours on the
+    circle stay far enough apart for an arrow and its label between them."""
+    radius = 1.0 if m <= 2 else max(1.0, (2 * half_width + 0.6) / (2 * math.sin(math.pi / m)))
+    angles = [math.pi / 2 - 2 * math.pi * i / m for i in range(m)]
+    return radius, [(radius * math.cos(a), radius * math.sin(a)) for a in angles], angles
+
+
+def _upright(deg: float) -> float:
+    deg = (deg + 180) % 360 - 180
+    if deg > 90:
+        deg -= 180
+    elif deg <= -90:
+        deg += 180
+    return deg
+
+
+def _loop_path(center, angle, a, b, loop_r):
+    """A circular self-loop outside an ellipse (half axes a, b) at ``center``, bulging in
+    direction ``angle``; returns (Path, outermost point)."""
+    from matplotlib.path import Path as MPath
+
+    cx, cy = center
+    ux, uy = math.cos(angle), math.sin(angle)
+    # distance from the centre to the ellipse border in direction u
+    edge = 1.0 / math.sqrt((ux / a) ** 2 + (uy / b) ** 2)
+    lx, ly = cx + (edge + 0.45 * loop_r) * ux, cy + (edge + 0.45 * loop_r) * uy
+
+    def outside(phi):
+        x, y = lx + loop_r * math.cos(phi), ly + loop_r * math.sin(phi)
+        return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 > 1.0
+
+    step = math.radians(2)
+    lo = hi = angle
+    while outside(lo - step) and hi - lo < 2 * math.pi - 2 * step:
+        lo -= step
+    while outside(hi + step) and hi - lo < 2 * math.pi - 2 * step:
+        hi += step
+    n = max(8, int((hi - lo) / step))
+    # counter-clockwise from lo to hi: leaves the node on one side, comes back on the other
+    pts = [(lx + loop_r * math.cos(lo + (hi - lo) * k / n), ly + loop_r * math.sin(lo + (hi - lo) * k / n))
+           for k in range(n + 1)]
+    path = MPath(pts, [MPath.MOVETO] + [MPath.LINETO] * n)
+    return path, (lx + loop_r * ux, ly + loop_r * uy)
+
+
+def _graph_figure(graph: "GraphSpec", title: Optional[str] = None):
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Ellipse, FancyArrowPatch, Patch
+
+    from actors.gates import is_cutoff
+
+    m = graph.num_nodes
+    labels = [node_label(graph, i) for i in range(m)]
+    a = max(0.30, 0.032 * max(len(s) for s in labels) + 0.1)  # ellipse half width (data units)
+    radius, pos, angles = _layout(m, a)
+    b = 0.15
+    loop_r = 0.13
+    # room for the loops and their labels around the nodes
+    x0, x1 = min(p[0] for p in pos) - a - 0.75, max(p[0] for p in pos) + a + 0.75
+    y0, y1 = min(p[1] for p in pos) - b - 0.5, max(p[1] for p in pos) + b + 0.5
+    scale = 1.55  # inches per data unit: text keeps its size for any node count
+    bottom, top = 0.85, 0.45  # inches: legend + caption, title
+    width, height = (x1 - x0) * scale, (y1 - y0) * scale
+    fig = _figure(width, height + bottom + top)
+    total = height + bottom + top
+    ax = fig.add_axes((0, bottom / total, 1, height / total))
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_aspect("equal")
+    ax.axis("off")
+
+    ellipses = []
+    for i, (x, y) in enumerate(pos):
+        frozen = graph.is_frozen(i)
+        if i == 0:
+            face, edge, lw, ls = "#fde9c8", "#c0392b", 2.6, "-"
+        elif frozen:
+            face, edge, lw, ls = "#cfcfcf", "#555555", 1.5, "--"
+        else:
+            face, edge, lw, ls = "#e3eefa", "#2c3e50", 1.5, "-"
+        e = Ellipse((x, y), 2 * a, 2 * b, facecolor=face, edgecolor=edge, linewidth=lw, linestyle=ls, zorder=3)
+        ax.add_patch(e)
+        ellipses.append(e)
+        ax.text(x, y, labels[i], ha="center", va="center", fontsize=10.5, zorder=4,
+                fontweight="bold" if i == 0 else "normal", color="#222222")
+
+    used_gates = set()
+    for t in range(m):
+        for s in range(m):
+            gate = graph.gates[t][s]
+            if is_cutoff(gate):
+                continue
+            used_gates.add(gate)
+            color = GATE_COLORS.get(gate, "#444444")
+            if s == t:  # label edge: a loop on the outside of the node
+                path, (ox, oy) = _loop_path(pos[t], angles[t], a, b, loop_r)
+                ax.add_patch(FancyArrowPatch(path=path, arrowstyle="-|>", mutation_scale=13, color=color,
+                                             linewidth=1.5, zorder=2))
+                ux, uy = math.cos(angles[t]), math.sin(angles[t])
+                ha = "left" if ux > 0.35 else ("right" if ux < -0.35 else "center")
+                va = "bottom" if uy > 0.35 else ("top" if uy < -0.35 else "center")
+                ax.text(ox + 0.03 * ux, oy + 0.03 * uy, gate, ha=ha, va=va, fontsize=9, color=color, zorder=5)
+                continue
+            rad = 0.18
+            (x1, y1), (x2, y2) = pos[s], pos[t]
+            ax.add_patch(FancyArrowPatch((x1, y1), (x2, y2), arrowstyle="-|>", mutation_scale=15,
+                                         connectionstyle=f"arc3,rad={rad}", patchA=ellipses[s], patchB=ellipses[t],
+                                         shrinkA=1, shrinkB=2, color=color, linewidth=1.5, zorder=2))
+            # the label sits on the curve, nearer the arrowhead than the tail (so the labels of
+            # crossing edges spread out): arc3's quadratic Bezier with control point
+            # mid + rad * (dy, -dx), at parameter u
+            dx, dy = x2 - x1, y2 - y1
+            cx, cy = (x1 + x2) / 2 + rad * dy, (y1 + y2) / 2 - rad * dx
+            u = 0.62
+            mx = (1 - u) ** 2 * x1 + 2 * u * (1 - u) * cx + u ** 2 * x2
+            my = (1 - u) ** 2 * y1 + 2 * u * (1 - u) * cy + u ** 2 * y2
+            ax.text(mx, my, gate, ha="center", va="center", fontsize=9, color=color, zorder=5,
+                    rotation=_upright(math.degrees(math.atan2(dy, dx))), rotation_mode="anchor",
+                    bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.9))
+
+    if title is None:
+        title = f"{graph.name}  (T={graph.temperature:g}, {graph.loss}, reduction={graph.reduction})"
+    ax.set_title(title, fontsize=12, pad=4)
+    handles = [Patch(facecolor="#fde9c8", edgecolor="#c0392b", linewidth=2.2, label="node 0: target")]
+    if any(graph.is_frozen(i) for i in range(m)):
+        handles.append(Patch(facecolor="#cfcfcf", edgecolor="#555555", linestyle="--",
+                             label="*: frozen teacher (pretrained, never updated)"))
+    for gate in [g for g in GATE_COLORS if g in used_gates] + sorted(used_gates - set(GATE_COLORS)):
+        handles.append(Line2D([], [], color=GATE_COLORS.get(gate, "#444444"), linewidth=2, label=gate))
+    fig.legend(handles=handles, loc="upper center", ncol=min(3, len(handles)), fontsize=9, frameon=False,
+               bbox_to_anchor=(0.5, bottom / total))
+    fig.text(0.5, 0.005, "arrow s \u2192 t: node t learns from node s through the gate written on it;  "
+             "loop: the label edge;  no arrow: no edge", ha="center", va="bottom", fontsize=8.5, color="#444444")
+    return fig
+
+
+def draw_graph(graph: "GraphSpec", stem: Path, title: Optional[str] = None) -> list[Path]:
+    """Write ``<stem>.png`` and ``<stem>.svg`` of the graph; return both paths."""
+    return _save(_graph_figure(graph, title), Path(stem))
+
+
+def graph_image(graph: "GraphSpec", path: Path) -> Path:
+    """Write only the PNG of the graph to ``path`` (e.g. to log it as an image)."""
+    path = Path(path)
+    stem = path.parent / (path.name[:-4] if path.name.lower().endswith(".png") else path.name)
+    return _save(_graph_figure(graph), stem, formats=("png",))[0]
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The lines of a ``metrics.jsonl``; for a resumed run whose epochs were recorded twice,
+    the last record of each (node, epoch) wins. Sorted by (node, epoch)."""
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if isinstance(r, dict) and "epoch" in r and "node" in r:
+            rows[(int(r["node"]), int(r["epoch"]))] = r
+    return [rows[k] for k in sorted(rows)]
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(int(r["epoch"]))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _node_name(rows: list[dict[str, Any]], node: int) -> str:
+    last = rows[-1]
+    return f"n{node} {last.get('model', '?')}{'*' if last.get('frozen') else ''}"
+
+
+def _int_epochs(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.grid(True, alpha=0.3)
+
+
+def _edge_panel(ax, by_node, pattern, title, ylabel, ms: float = 2.5) -> bool:
+    styles = ["-", "--", ":", "-."]
+    lines = 0
+    for t, rows in sorted(by_node.items()):
+        keys = sorted({k for r in rows for k in r if pattern.match(k)},
+                      key=lambda k: (int(pattern.match(k).group(1)) != t, int(pattern.match(k).group(1))))
+        for j, key in enumerate(keys):
+            s, t2, gate = pattern.match(key).groups()
+            xs, ys = _series(rows, key)
+            if not xs:
+                continue
+            ax.plot(xs, ys, styles[j % len(styles)], marker="o", markersize=ms, linewidth=1.4,
+                    color=NODE_COLORS[int(t2) % len(NODE_COLORS)], label=f"{s}\u2192{t2} {gate}")
+            lines += 1
+    ax.set_title(title, fontsize=11)
+    ax.set_ylabel(ylabel)
+    _int_epochs(ax)
+    if lines:
+        ax.legend(fontsize=7.5, ncol=1 if lines <= 8 else 2, loc="center left", bbox_to_anchor=(1.01, 0.5),
+                  frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no edge recorded", transform=ax.transAxes, ha="center", va="center", color="#777777")
+    return lines > 0
+
+
+def draw_learning_curves(run_dir: Path, stem: Path, title: Optional[str] = None) -> list[Path]:
+    """Panels from ``<run_dir>/metrics.jsonl``: train loss, validation and test accuracy per
+    node (ensemble test accuracy dashed), the gated loss of every edge and, when recorded,
+    every edge's mean gate weight. Writes ``<stem>.png`` and ``<stem>.svg``."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if not rows:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no epoch yet")
+    by_node: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_node.setdefault(int(r["node"]), []).append(r)
+    has_gates = any(_GATE_KEY.match(k) for r in rows for k in r)
+    ms = 3 if len({r["epoch"] for r in rows}) <= 40 else 0  # markers only where they can be told apart
+    n_panels = 5 if has_gates else 4
+    fig = _figure(13.5, 4.0 * math.ceil(n_panels / 2) + 0.6)
+    axes = fig.subplots(math.ceil(n_panels / 2), 2, squeeze=False).ravel()
+    names = {n: _node_name(nr, n) for n, nr in by_node.items()}
+
+    ax = axes[0]
+    for n, nr in sorted(by_node.items()):
+        xs, ys = _series(nr, "train_loss")
+        if xs:
+            ax.plot(xs, ys, "-o", markersize=ms, color=NODE_COLORS[n % len(NODE_COLORS)], label=names[n])
+    ax.set_title("train loss (sum of the gated edge losses)", fontsize=11)
+    ax.set_ylabel("loss")
+    _int_epochs(ax)
+    frozen = [names[n] for n, nr in by_node.items() if nr[-1].get("frozen")]
+    if frozen:
+        ax.text(0.99, 0.98, "frozen, not trained: " + ", ".join(frozen), transform=ax.transAxes,
+                ha="right", va="top", fontsize=8, color="#555555")
+    if ax.lines:
+        ax.legend(fontsize=8.5, frameon=False)
+
+    for ax, key, what in ((axes[1], "val_acc", "validation"), (axes[2], "test_acc", "test")):
+        for n, nr in sorted(by_node.items()):
+            xs, ys = _series(nr, key)
+            if xs:
+                ax.plot(xs, ys, "-o", markersize=ms, color=NODE_COLORS[n % len(NODE_COLORS)], label=names[n],
+                        linewidth=2.2 if n == 0 else 1.4)
+        xs, ys = _series(by_node[min(by_node)], f"ensemble_{key}")
+        if xs:
+            ax.plot(xs, ys, "--", color="black", linewidth=1.4, label="ensemble (mean softmax)")
+        ax.set_title(f"{what} accuracy per node", fontsize=11)
+        ax.set_ylabel("accuracy (%)")
+        _int_epochs(ax)
+        if ax.lines:
+            ax.legend(fontsize=8.5, frameon=False, loc="lower right")
+        else:
+            ax.text(0.5, 0.5, f"no {what} split in this run", transform=ax.transAxes, ha="center", va="center",
+                    color="#777777")
+
+    _edge_panel(axes[3], by_node, _EDGE_KEY, "gated loss of each edge s\u2192t (mean per epoch)", "gated loss", ms)
+    if has_gates:
+        _edge_panel(axes[4], by_node, _GATE_KEY, "mean gate weight of each edge s\u2192t", "gate weight", ms)
+    for ax in axes[n_panels:]:
+        ax.axis("off")
+    if title is None:
+        title = run_dir.resolve().name
+        cfg = run_dir / "run_config.json"
+        if cfg.is_file():
+            try:
+                g = json.loads(cfg.read_text()).get("graph", {})
+                ds = json.loads(cfg.read_text()).get("dataset", {}).get("name")
+                title += f"  (graph {g.get('name', '?')}" + (f", {ds})" if ds else ")")
+            except (json.JSONDecodeError, AttributeError):
+                pass
+    fig.suptitle(title, fontsize=13)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return _save(fig, Path(stem), dpi=100)
+
+
+# --- searches -----------------------------------------------------------------------------------
+
+
+def asha_rungs(grace: int, rf: float, max_epochs: int) -> list[int]:
+    """The epochs at which ASHA compares trials: grace * rf^k below max_epochs."""
+    rungs, k = [], 0
+    while grace * rf ** k < max_epochs:
+        rungs.append(int(round(grace * rf ** k)))
+        k += 1
+    return rungs
+
+
+def search_asha_params(search_dir: Path) -> dict[str, Any]:
+    """grace_period, reduction_factor, max_epochs of a search, from its search_summary.json or
+    else its .hydra/config.yaml (searches run by ``launch.py mode=search``); max_epochs also
+    from a trial's run_config.json (train.epochs); missing keys are simply absent."""
+    import yaml
+
+    search_dir = Path(search_dir)
+    keys = ("grace_period", "reduction_factor", "max_epochs")
+    found: dict[str, Any] = {}
+    summary = search_dir / "search_summary.json"
+    if summary.is_file():
+        try:
+            data = json.loads(summary.read_text())
+            found.update({k: data[k] for k in keys if isinstance(data.get(k), (int, float))})
+        except json.JSONDecodeError:
+            pass
+    hydra = search_dir / ".hydra" / "config.yaml"
+    if hydra.is_file() and len(found) < len(keys):
+        try:
+            s = (yaml.safe_load(hydra.read_text()) or {}).get("search") or {}
+            for k in keys:
+                if k not in found and isinstance(s.get(k), (int, float)):
+                    found[k] = s[k]
+        except yaml.YAMLError:
+            pass
+    if "max_epochs" not in found:  # every trial is laid out over the search's max_epochs
+        for cfg in sorted(search_dir.glob("trial_*/run_config.json")):
+            try:
+                epochs = json.loads(cfg.read_text()).get("train", {}).get("epochs")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(epochs, int):
+                found["max_epochs"] = epochs
+                break
+    return found
+
+
+def _trial_curve(trial_dir: Path) -> tuple[list[int], list[float]]:
+    """Target (node 0) validation accuracy per epoch of one trial."""
+    metrics = trial_dir / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [r for r in read_metrics(metrics) if int(r["node"]) == 0]
+        xs, ys = [], []
+        for r in rows:
+            v = r.get("val_acc")
+            xs.append(int(r["epoch"]))
+            ys.append(float(v) if isinstance(v, (int, float)) else 0.0)  # what the search reported
+        if xs:
+            return xs, ys
+    result = trial_dir / "result.json"  # Tune's own record, for trials that left no metrics
+    xs, ys = [], []
+    if result.is_file():
+        for line in result.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "epoch" in r and isinstance(r.get("target_val_acc"), (int, float)) and not r.get("invalid"):
+                xs.append(int(r["epoch"]))
+                ys.append(float(r["target_val_acc"]))
+    return xs, ys
+
+
+def draw_search(search_dir: Path, stem: Path, grace: Optional[int] = None, rf: Optional[float] = None,
+                max_epochs: Optional[int] = None, title: Optional[str] = None) -> list[Path]:
+    """Every trial's target validation accuracy per epoch, ASHA's rungs as dotted lines, the
+    best trial highlighted: ``<stem>.png/.svg``; and the best graph (``best_graph.yaml``) as
+    ``<stem>_best_graph.png/.svg``. ASHA's parameters come from the search folder (see
+    ``search_asha_params``); ``grace``/``rf``/``max_epochs`` override them."""
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import blended_transform_factory
+
+    search_dir = Path(search_dir)
+    stem = Path(stem)
+    statuses: dict[str, dict[str, str]] = {}
+    if (search_dir / "trials.csv").is_file():
+        with open(search_dir / "trials.csv", newline="") as f:
+            statuses = {r["trial"]: r for r in csv.DictReader(f) if r.get("trial")}
+    summary: dict[str, Any] = {}
+    if (search_dir / "search_summary.json").is_file():
+        try:
+            summary = json.loads((search_dir / "search_summary.json").read_text())
+        except json.JSONDecodeError:
+            summary = {}
+    curves = {}
+    for d in sorted(search_dir.glob("trial_*")):
+        if d.is_dir():
+            xs, ys = _trial_curve(d)
+            if xs:
+                curves[d.name] = (xs, ys)
+    if not curves:
+        raise ValueError(f"{search_dir}: no trial_*/metrics.jsonl with an epoch in it: nothing to draw")
+
+    asha = search_asha_params(search_dir)
+    grace = int(grace if grace is not None else asha.get("grace_period", 1))
+    rf = float(rf if rf is not None else asha.get("reduction_factor", 2))
+    max_epochs = int(max_epochs if max_epochs is not None else
+                     asha.get("max_epochs", max(max(xs) for xs, _ in curves.values())))
+    if rf == int(rf):
+        rf = int(rf)
+
+    best = summary.get("best_trial")
+    if best not in curves:  # no summary (an interrupted search): choose as the search does,
+        # the highest last accuracy among the trials that trained longest, failed ones excluded
+        ok = [t for t in curves if not statuses.get(t, {}).get("status", "").startswith(("failed", "invalid"))]
+        ok = ok or list(curves)
+        top = max(curves[t][0][-1] for t in ok)
+        best = max((t for t in ok if curves[t][0][-1] == top), key=lambda t: curves[t][1][-1])
+
+    fig = _figure(10.5, 6.0)
+    ax = fig.add_subplot(1, 1, 1)
+    kinds = {"completed": 0, "stopped": 0, "failed": 0}
+    short = max_epochs <= 40  # a marker per epoch only where they can be told apart
+    for name, (xs, ys) in sorted(curves.items(), key=lambda kv: kv[0] == best):
+        status = statuses.get(name, {}).get("status", "")
+        if not status:
+            status = "completed" if xs[-1] >= max_epochs else "stopped by ASHA"
+        if name == best:
+            continue
+        if status.startswith("failed"):
+            color, end, kind = "#c0392b", "X", "failed"
+        elif status.startswith("stopped") or xs[-1] < max_epochs:
+            color, end, kind = "#7f8c8d", "x", "stopped"
+        else:
+            color, end, kind = "#2e86c1", "o", "completed"
+        kinds[kind] += 1
+        (line,) = ax.plot(xs, ys, "-", color=color, alpha=0.55, linewidth=1.2, marker=".", markersize=4 if short else 0)
+        line.set_gid(name)
+        ax.plot(xs[-1:], ys[-1:], end, color=color, markersize=7, alpha=0.9)
+    xs, ys = curves[best]
+    (line,) = ax.plot(xs, ys, "-", color="#e67e22", linewidth=3, marker="o", markersize=4 if short else 0, zorder=5)
+    line.set_gid(best)
+    ax.plot(xs[-1:], ys[-1:], "*", color="#e67e22", markersize=16, zorder=6, markeredgecolor="#7e3f00")
+
+    rungs = asha_rungs(grace, rf, max_epochs)
+    use_log = max_epochs / grace >= rf ** 4
+    trans = blended_transform_factory(ax.transData, ax.transAxes)
+    for k, e in enumerate(rungs):
+        ax.axvline(e, color="#555555", linestyle=":", linewidth=1.2, zorder=1)
+        ax.text(e, 1.01, f"rung {k}", transform=trans, rotation=0 if len(rungs) <= 8 or not use_log else 90,
+                ha="center", va="bottom", fontsize=8.5, color="#333333")
+    if use_log:
+        from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(0.9, max_epochs * 1.1)
+        ax.xaxis.set_major_locator(FixedLocator(sorted({*rungs, max_epochs})))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.7, max_epochs + 0.3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("target (node 0) validation accuracy (%)")
+    ax.grid(True, alpha=0.25)
+
+    row = statuses.get(best, {})
+    desc = f" ({row['models']}; gates {row['gates']})" if row.get("models") else ""
+    handles = [Line2D([], [], color="#e67e22", linewidth=3, marker="*", markersize=12,
+                      label=f"best: {best}, val {curves[best][1][-1]:.1f}{desc}")]
+    labels = {"completed": ("#2e86c1", "o", "ran all epochs"), "stopped": ("#7f8c8d", "x", "stopped by ASHA"),
+              "failed": ("#c0392b", "X", "failed")}
+    for kind, count in kinds.items():
+        if count:
+            color, marker, text = labels[kind]
+            handles.append(Line2D([], [], color=color, marker=marker, alpha=0.8, label=f"{text} ({count})"))
+    # trials that failed before their first epoch have no line; the legend still counts them
+    no_curve = [t for t, r in statuses.items() if t not in curves and r.get("status", "").startswith("failed")]
+    if no_curve:
+        handles.append(Line2D([], [], color="#c0392b", marker="X", linestyle="none",
+                              label=f"failed before their first epoch ({len(no_curve)})"))
+    handles.append(Line2D([], [], color="#555555", linestyle=":",
+                          label=f"ASHA rungs: grace {grace} \u00d7 {rf}^k epochs (max {max_epochs})"))
+    ax.legend(handles=handles, fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2, frameon=False)
+    if title is None:
+        n = len(set(statuses) | set(curves))
+        title = f"search {search_dir.resolve().name}: {n} trials" + (
+            f" ({len(curves)} with a recorded epoch)" if len(curves) < n else "")
+    ax.set_title(title, fontsize=12, pad=22)
+    fig.tight_layout()
+    paths = _save(fig, stem)
+
+    best_yaml = search_dir / "best_graph.yaml"
+    if best_yaml.is_file():
+        graph = load_graph_file(best_yaml)
+        acc = summary.get("best_val_acc")
+        paths += draw_graph(graph, stem.parent / f"{stem.name}_best_graph",
+                            title=f"best graph of {search_dir.resolve().name}"
+                                  + (f"\n{best}: target val acc {acc:.1f}" if isinstance(acc, (int, float)) else ""))
+    return paths
