@@ -19,6 +19,27 @@ def _fmt(v: Optional[float]) -> str:
     return "  -  " if v is None else f"{v:5.1f}"
 
 
+def wandb_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One epoch's metrics of every node (gathered on rank 0) as wandb keys:
+    ``node<i>/<metric>`` (train_loss, train_acc, val_acc, test_acc, lr, ...),
+    ``edge_loss/<s>-><t> <Gate>`` (mean gated loss of edge s -> t; s = t is the label edge),
+    ``gate_weight/<s>-><t> <Gate>`` (mean weight its gate put on the samples), and
+    ``ensemble/val_acc``, ``ensemble/test_acc``."""
+    r0 = rows[0]
+    data: dict[str, Any] = {"epoch": r0["epoch"], "ensemble/val_acc": r0["ensemble_val_acc"],
+                            "ensemble/test_acc": r0["ensemble_test_acc"]}
+    for r in rows:
+        for k, v in r.items():
+            if k in ("epoch", "node", "model", "frozen") or v is None or k.startswith("ensemble"):
+                continue
+            if k.startswith(("edge_", "gate_")):
+                kind, s, _, t, gate = k.split("_", 4)  # edge_<s>_to_<t>_<Gate>
+                data[f"{'edge_loss' if kind == 'edge' else 'gate_weight'}/{s}->{t} {gate}"] = v
+            else:
+                data[f"node{r['node']}/{k}"] = v
+    return {k: v for k, v in data.items() if v is not None}
+
+
 class RunRecorder:
     def __init__(self, cfg, run_dir: str | Path, config_dict: dict[str, Any], wandb_name: Optional[str] = None,
                  resume_epoch: int = 0):
@@ -44,6 +65,22 @@ class RunRecorder:
                 name=wandb_name or f"{cfg.graph.name}-{cfg.dataset.name}-s{cfg.seed}", dir=str(self.run_dir),
                 config=config_dict, mode=lc.mode, reinit="finish_previous",
             )
+            self.wandb.define_metric("epoch")
+            self.wandb.define_metric("*", step_metric="epoch")
+            self._log_graph_image()
+
+    def _log_graph_image(self) -> None:
+        """The graph as the paper draws it, as the run's ``graph`` image (also kept in
+        ``<run_dir>/pictures/graph.png``). A drawing failure is reported, not fatal."""
+        import wandb
+
+        try:
+            from coordinator.pictures import graph_image
+
+            path = graph_image(self.cfg.graph, self.run_dir / "pictures" / "graph.png")
+            self.wandb.log({"graph": wandb.Image(str(path), caption=self.cfg.graph.describe())}, commit=False)
+        except Exception as e:  # a picture must never stop a training run
+            log.warning(f"could not draw the graph for wandb: {type(e).__name__}: {e}")
 
     def _reload(self, epoch: int) -> None:
         """Keep the records of epochs 1..epoch (those the checkpoint holds); drop the rest."""
@@ -74,12 +111,7 @@ class RunRecorder:
         log.info(f"epoch {e:>3}/{self.cfg.train.epochs} | " + " | ".join(parts)
                  + f" | ens test {_fmt(r0['ensemble_test_acc'])} | {r0['train_time_s']:.1f}s")
         if self.wandb is not None:
-            data = {"epoch": e, "ensemble/val_acc": r0["ensemble_val_acc"], "ensemble/test_acc": r0["ensemble_test_acc"]}
-            for r in rows:
-                for k, v in r.items():
-                    if k not in ("epoch", "node", "model", "frozen") and v is not None and not k.startswith("ensemble"):
-                        data[f"node{r['node']}/{k}"] = v
-            self.wandb.log(data, step=e)
+            self.wandb.log(wandb_metrics(rows), step=e)
 
     def finish(self, steps_per_epoch: int) -> dict[str, Any]:
         last = self.history[-1]
@@ -112,6 +144,13 @@ class RunRecorder:
             + f"; ensemble {summary['ensemble_test_acc']:.2f}%")
         log.info(f"wall {summary['wall_s']:.1f}s, {summary['images_per_s']:.0f} images/s; outputs in {self.run_dir}")
         if self.wandb is not None:
+            import wandb
+
+            columns = ["node", "model", "frozen", "final_test_acc", "final_val_acc", "best_val_acc", "test_acc_at_best_val"]
+            table = wandb.Table(columns=columns, data=[
+                [n["index"], n["model"], n["frozen"], n["final_test_acc"], n["final_val_acc"], n["best_val_acc"],
+                 n["test_acc_at_best_val"]] for n in nodes])
+            self.wandb.log({"summary_table": table}, step=len(self.history))
             self.wandb.summary.update({k: v for k, v in summary.items() if k != "nodes"})
             self.wandb.finish()
             self.wandb = None

@@ -19,3 +19,44 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --- real runs shared by several test modules (made once per session) ----------------------------
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory):
+    """A real 3-node digits run (convnets, 3 epochs) with an offline wandb run."""
+    from coordinator.local import run_local
+    from tests.helpers import WANDB_RUN_GATES, small_config
+
+    run_dir = tmp_path_factory.mktemp("wandb-run")
+    cfg = small_config(["convnet", "convnet", "convnet"], WANDB_RUN_GATES, train={"epochs": 3, "batch_size": 64, "num_threads": 1},
+                       logger={"backend": "wandb", "mode": "offline", "project": "ktg-test", "group": "exp-1"})
+    summary = run_local(cfg, run_dir, timeout_s=300)
+    return run_dir, summary
+
+
+@pytest.fixture(scope="session")
+def tiny_search(tmp_path_factory):
+    """6 two-node trials of 4 epochs; learning rate searched too, 1e6 makes a trial fail."""
+    import csv
+
+    import ray
+
+    from coordinator.search import SearchConfig, run_search
+
+    out = tmp_path_factory.mktemp("search") / "exp-tiny-digits"
+    s = SearchConfig(name="tiny", num_nodes=2, target_model="convnet", zoo=["convnet"], num_samples=6,
+                     max_epochs=4, grace_period=1, reduction_factor=2, num_cpus=6, verbose=0,
+                     teachers_dir=str(out.parent / "no-teachers"), extra={"optim.lr": [0.05, 1.0e6]})
+    base = {
+        "dataset": {"name": "digits", "val_fraction": 0.15, "crop_pad": 1, "flip": False},
+        "optim": {"lr": 0.05, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
+        "train": {"batch_size": 64, "num_threads": 1}, "logger": {"backend": "none"}, "seed": 0,
+    }
+    try:
+        summary = run_search(s, base, out, seed=0)
+    finally:
+        ray.shutdown()
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    return summary, rows, out

@@ -9,6 +9,12 @@ import numpy as np
 from coordinator.config import RunConfig
 
 
+# the gates of the session's real run (conftest.real_run): every kind of edge, Cutoffs included
+WANDB_RUN_GATES = [["Through", "Linear", "Cutoff"],
+                   ["Correct", "Through", "Through"],
+                   ["Cutoff", "Cutoff", "Through"]]
+
+
 def small_config(nodes: list[Any], gates: list[list[str]], **overrides: Any) -> RunConfig:
     """A fast RunConfig: convnet-sized graphs on digits, one thread per process, no wandb."""
     data: dict[str, Any] = {

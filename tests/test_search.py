@@ -101,30 +101,6 @@ def test_random_search_samples_valid_graphs_reproducibly(tmp_path):
     assert c.suggest("x") == a.suggest("x")
 
 
-@pytest.fixture(scope="module")
-def tiny_search(tmp_path_factory):
-    """6 two-node trials of 4 epochs; learning rate searched too, 1e6 makes a trial fail."""
-    import ray
-
-    from coordinator.search import run_search
-
-    out = tmp_path_factory.mktemp("search") / "exp-tiny-digits"
-    s = SearchConfig(name="tiny", num_nodes=2, target_model="convnet", zoo=["convnet"], num_samples=6,
-                     max_epochs=4, grace_period=1, reduction_factor=2, num_cpus=6, verbose=0,
-                     teachers_dir=str(out.parent / "no-teachers"), extra={"optim.lr": [0.05, 1.0e6]})
-    base = {
-        "dataset": {"name": "digits", "val_fraction": 0.15, "crop_pad": 1, "flip": False},
-        "optim": {"lr": 0.05, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
-        "train": {"batch_size": 64, "num_threads": 1}, "logger": {"backend": "none"}, "seed": 0,
-    }
-    try:
-        summary = run_search(s, base, out, seed=0)
-    finally:
-        ray.shutdown()
-    rows = list(csv.DictReader(open(out / "trials.csv")))
-    return summary, rows, out
-
-
 def test_asha_stops_trials_early_and_failures_do_not_stop_the_search(tiny_search):
     summary, rows, out = tiny_search
     assert len(rows) == 6 and summary["trials"] == 6
