@@ -101,6 +101,8 @@ class NodeWorker:
         self.device = env.device
         self.run_dir = Path(run_dir) if run_dir else None
         self.data = data.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): pick the fastest kernels once
         self.order = build_batch_order(cfg, data)
         self.steps_per_epoch = steps_per_epoch(cfg, self.order)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
