@@ -160,7 +160,7 @@ class Exchange:
             plan.send[off : off + size].copy_(t.detach().reshape(-1).view(torch.uint8))
         if self.world_size > 1:
             _all_gather_flat(plan.recv_flat, plan.send)
-        return plan.views
+        return dict(plan.views)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """In-place broadcast from ``src``; other ranks pass a buffer of the same shape."""

@@ -209,25 +209,24 @@ class NodeWorker:
             if not node.frozen:
                 progress = self.step / self.total_steps
                 loss, terms = node.loss(logits, got["logits"], y, progress)  # 4. loss
-                weight_sum += node.gate_weights(got["logits"], y, progress)
+                weights = node.gate_weights(got["logits"], y, progress)
                 tm.mark("loss")
-                if skip:
-                    if not torch.isfinite(loss).item():  # host sync, only in skip mode
-                        skipped += 1
-                        node.skip_update()
-                        tm.end_step()
-                        continue
+                if skip and not torch.isfinite(loss).item():  # host sync, only in skip mode
+                    skipped += 1
+                    node.skip_update()
                 else:
-                    finite = torch.isfinite(terms)
-                    newly = (first_bad < 0) & ~finite.all()
-                    first_bad = torch.where(newly, self.step, first_bad)
-                    bad_edges = torch.where(newly, ~finite, bad_edges)
-                node.backward(loss)                                     # 5. update
-                tm.mark("backward")
-                node.step()
-                tm.mark("optimizer")
-                loss_sum += loss.detach()
-                edge_sum += terms
+                    if not skip:
+                        finite = torch.isfinite(terms)
+                        newly = (first_bad < 0) & ~finite.all()
+                        first_bad = torch.where(newly, self.step, first_bad)
+                        bad_edges = torch.where(newly, ~finite, bad_edges)
+                    node.backward(loss)                                 # 5. update
+                    tm.mark("backward")
+                    node.step()
+                    tm.mark("optimizer")
+                    loss_sum += loss.detach()
+                    edge_sum += terms
+                    weight_sum += weights
             correct += (logits.detach().argmax(1) == y).sum()
             tm.end_step()
             if self.log_every and (k + 1) % self.log_every == 0 and not on_host:

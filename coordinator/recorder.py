@@ -150,7 +150,7 @@ class RunRecorder:
             table = wandb.Table(columns=columns, data=[
                 [n["index"], n["model"], n["frozen"], n["final_test_acc"], n["final_val_acc"], n["best_val_acc"],
                  n["test_acc_at_best_val"]] for n in nodes])
-            self.wandb.log({"summary_table": table}, step=len(self.history))
+            self.wandb.log({"summary_table": table}, step=last[0]["epoch"])
             self.wandb.summary.update({k: v for k, v in summary.items() if k != "nodes"})
             self.wandb.finish()
             self.wandb = None

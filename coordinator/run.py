@@ -109,6 +109,6 @@ def _changed(old: RunConfig, new: RunConfig) -> list[str]:
     """Settings that differ between two runs (the epoch count may change: a resumed run can
     be extended)."""
     a, b = old.to_dict(), new.to_dict()
-    keys = [("seed",), ("graph",), ("dataset",), ("optim",), ("train", "batch_size")]
+    keys = [("seed",), ("graph",), ("dataset",), ("optim",), ("train", "batch_size"), ("train", "max_steps_per_epoch")]
     pick = lambda d, k: d[k[0]] if len(k) == 1 else d[k[0]][k[1]]  # noqa: E731
     return [".".join(k) for k in keys if pick(a, k) != pick(b, k)]

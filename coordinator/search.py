@@ -324,7 +324,9 @@ class Progress(Callback):
         r = trial.last_result or {}
         self._seen(trial, r)
         epoch = r.get("epoch", 0)
-        if status == "finished":
+        if status == "finished" and r.get("invalid"):
+            status = "skipped (not a valid graph)"
+        elif status == "finished":
             status = "completed" if not self.max_epochs or epoch >= self.max_epochs else "stopped by ASHA"
         acc = r.get(METRIC)
         acc_s = f"{acc:.2f}" if acc is not None else "-"

@@ -34,7 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,16 +68,25 @@ def make_config(models: list[str], batch_size: int, steps: int, device: str) -> 
     return cfg, spe
 
 
-def _pin(core: int) -> None:
+def _cores() -> list[int]:
+    """The CPU cores this process may run on (a container's cpuset, not the machine's count)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+ALLOWED = _cores()  # read once, before anything is pinned (children inherit a pinned parent's set)
+
+
+def _pin(core: Optional[int]) -> None:
+    """Run this process on ``core``, or on every allowed core (None)."""
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {core})
+        os.sched_setaffinity(0, set(ALLOWED) if core is None else {core})
 
 
-def _node(rank: int, world: int, port: int, cases: list[dict[str, Any]], device: str, pin: bool, results) -> None:
+def _node(rank: int, world: int, port: int, cases: list[dict[str, Any]], device: str, core: Optional[int],
+          results) -> None:
     """One graph node of the benchmark group: every case in turn, in one process group."""
     torch.set_num_threads(1)
-    if pin:
-        _pin(rank)
+    _pin(core)
     env = init_distributed(rank, world, rank, f"tcp://127.0.0.1:{port}", device, "auto")
     ex = Exchange(env)
     data = load_dataset("digits", val_fraction=0.0)
@@ -113,11 +122,11 @@ def _node(rank: int, world: int, port: int, cases: list[dict[str, Any]], device:
 def run_group(world: int, cases: list[dict[str, Any]], device: str, pin: bool) -> list[list[dict[str, Any]]]:
     """Spawn ``world`` node processes, run ``cases``; returns each rank's results. With
     ``pin``, node r runs on CPU core r (only when there are at least ``world`` cores)."""
-    pin = pin and device == "cpu" and world <= (os.cpu_count() or 1)
+    pin = pin and device == "cpu" and world <= len(ALLOWED)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_node, args=(r, world, port, cases, device, pin, results)) for r in range(world)]
+    procs = [ctx.Process(target=_node, args=(r, world, port, cases, device, ALLOWED[r] if pin else None, results)) for r in range(world)]
     for p in procs:
         p.start()
     got: dict[int, Any] = {}
@@ -143,7 +152,7 @@ def sequential_step_time(models: list[str], batch: int, steps: int, pin: bool) -
     other (one thread; on core 0 with ``pin``), after one warm-up epoch."""
     torch.set_num_threads(1)
     if pin:
-        _pin(0)
+        _pin(ALLOWED[0])
     cfg, spe = make_config(models, batch, steps, "cpu")
     group = SequentialGroup(cfg, load_dataset("digits", val_fraction=0.0))
     it = group.batches()
@@ -153,7 +162,9 @@ def sequential_step_time(models: list[str], batch: int, steps: int, pin: bool) -
     for x, y in it:
         group.step(x, y)
         n += 1
-    return (time.perf_counter() - t) / n
+    dt = (time.perf_counter() - t) / n
+    _pin(None)  # the next group's processes are spawned from here: do not pass the pin on
+    return dt
 
 
 def ms(v: float) -> str:
@@ -176,7 +187,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and torch.cuda.device_count() < 3:
         ap.error(f"--device cuda needs 3 GPUs (one per node); {torch.cuda.device_count()} visible")
     t_start = time.perf_counter()
-    cores = os.cpu_count() or 1
+    cores = len(ALLOWED)
     print(f"ktg benchmark: digits, {args.device}, torch {torch.__version__}, {cores} CPU cores, "
           f"{args.steps} timed steps per case, 1 thread per process", flush=True)
     if args.device == "cpu" and cores < 3:

@@ -200,3 +200,45 @@ def test_resume_with_another_seed_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"holds a checkpoint of a run with other seed; .*new hydra.run.dir"):
         run_local(other, tmp_path, timeout_s=300)
     run_local(small_config(["convnet", "convnet"], [[T, T], [T, T]], train__epochs=2), tmp_path, timeout_s=300)  # extending is fine
+
+
+def test_resume_refuses_a_run_dir_of_a_quick_look(tmp_path):
+    """A quick look (train.max_steps_per_epoch) and the real run must not share a run dir:
+    the real run would continue the quick look's few-step epochs."""
+    from coordinator.run import _changed
+
+    quick = small_config(["convnet"], [[T]], train={"epochs": 1, "max_steps_per_epoch": 3})
+    real = small_config(["convnet"], [[T]], train={"epochs": 20})
+    assert _changed(quick, real) == ["train.max_steps_per_epoch"]
+    assert _changed(real, small_config(["convnet"], [[T]], train={"epochs": 30})) == []
+
+
+def test_skipped_steps_count_in_no_metric(one_thread):
+    """train.nonfinite=skip: a skipped step adds nothing to the loss, edge and gate-weight
+    means (regression: gate weights were summed over skipped steps too, Through read 2.0)."""
+    import os
+
+    from actors.data import load_dataset
+    from actors.exchange import Exchange, free_port, init_distributed, shutdown
+    from actors.worker import NodeWorker
+
+    cfg = small_config(["convnet"], [[T]], train={"epochs": 1, "batch_size": 32, "num_threads": 1,
+                                                   "max_steps_per_epoch": 8, "nonfinite": "skip"})
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = init_distributed(0, 1, 0, "env://", "cpu", "gloo")
+    try:
+        worker = NodeWorker(cfg, env, Exchange(env), load_dataset("digits", val_fraction=0.15), None)
+        real_loss, calls = worker.node.loss, []
+
+        def every_other_nan(*args, **kwargs):
+            total, terms = real_loss(*args, **kwargs)
+            calls.append(1)
+            return (total * float("nan"), terms * float("nan")) if len(calls) % 2 == 0 else (total, terms)
+
+        worker.node.loss = every_other_nan
+        m = worker.train_epoch(0)
+    finally:
+        shutdown()
+    assert m["skipped_steps"] == 4
+    assert m["gate_0_to_0_Through"] == 1.0
+    assert m["train_loss"] == m["train_loss"] and m["edge_0_to_0_Through"] == pytest.approx(m["train_loss"])  # not NaN

@@ -60,16 +60,20 @@ def test_search_console_names_how_each_trial_ended(capsys):
 
     from coordinator.search import METRIC, Progress
 
-    p = Progress(total=3, max_epochs=8, every_s=0.0)
+    p = Progress(total=4, max_epochs=8, every_s=0.0)
     t = lambda i, ep, acc, st="TERMINATED": SimpleNamespace(trial_id=f"t{i}", status=st, last_result={"epoch": ep, METRIC: acc})  # noqa: E731
     p.on_trial_complete(0, [], t(1, 2, 50.0))
     p.on_trial_complete(0, [], t(2, 8, 70.0))
+    invalid = t(4, 8, 0.0)
+    invalid.last_result["invalid"] = True
+    p.on_trial_complete(0, [], invalid)
     p.on_trial_result(0, [], t(3, 3, 75.0, "RUNNING"), {"epoch": 3, METRIC: 75.0})
     p.on_step_end(0, [t(3, 3, 75.0, "RUNNING")])
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "[search] 1/3 trial t1 stopped by ASHA at epoch 2: val 50.00 (best so far 50.00)"
-    assert out[1] == "[search] 2/3 trial t2 completed at epoch 8: val 70.00 (best so far 70.00)"
-    assert out[2].endswith("| 1 running (at epochs 3) | 2/3 done | best val 75.00 (t3)"), out[2]
+    assert out[0] == "[search] 1/4 trial t1 stopped by ASHA at epoch 2: val 50.00 (best so far 50.00)"
+    assert out[1] == "[search] 2/4 trial t2 completed at epoch 8: val 70.00 (best so far 70.00)"
+    assert out[2].startswith("[search] 3/4 trial t4 skipped (not a valid graph)")
+    assert out[3].endswith("| 1 running (at epochs 3) | 3/4 done | best val 75.00 (t3)"), out[3]
 
 
 def test_frozen_target_is_never_a_graph():
