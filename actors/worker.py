@@ -141,9 +141,9 @@ class NodeWorker:
             self._mismatch_error(step, [i for i, b in enumerate(self._mismatch_nodes.tolist()) if b])
 
     def _check_batch(self, fingerprints: torch.Tensor) -> None:
-        if not bool((fingerprints == fingerprints[0]).all()):
-            differ = (fingerprints != fingerprints[0]).any(dim=1)
-            self._mismatch_error(self.step + 1, [i for i, b in enumerate(differ.tolist()) if b])
+        differ = (fingerprints != fingerprints[0]).any(dim=1).tolist()
+        if any(differ):
+            self._mismatch_error(self.step + 1, [i for i, b in enumerate(differ) if b])
 
     def _mismatch_error(self, step: int, nodes: list[int]) -> None:
         raise BatchMismatchError(
