@@ -35,7 +35,7 @@ class _NoTimer:
     def arrival(self, device: torch.device) -> Optional[torch.Tensor]:
         return None
 
-    def exchanged(self, arrivals: Optional[torch.Tensor], rank: int) -> None:
+    def exchanged(self, arrivals: Optional[torch.Tensor]) -> None:
         pass
 
     def end_step(self) -> None:
@@ -81,7 +81,7 @@ class StepTimer:
         self._arrived = time.time()
         return torch.tensor([self._arrived], dtype=torch.float64, device=device)
 
-    def exchanged(self, arrivals: torch.Tensor, rank: int) -> None:
+    def exchanged(self, arrivals: torch.Tensor) -> None:
         """Split the all-gather's time into waiting for the last node and the transfer."""
         now = self._now()
         total = now - self._t
