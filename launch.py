@@ -104,9 +104,13 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Optional[dict[str, 
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
-        run_dir = HydraConfig.get().runtime.output_dir
+        hc = HydraConfig.get()
+        run_dir = hc.runtime.output_dir
         container.pop("hydra", None)
-    return run_node(spec, run_dir, rank, world_size, local_rank, config_dict=container)
+        container["overrides"] = list(hc.overrides.task)  # the command line, kept in run_config.json
+    # under torchrun, a worker whose agent is killed ends itself (it lives in its own session)
+    watch = "TORCHELASTIC_RUN_ID" in os.environ
+    return run_node(spec, run_dir, rank, world_size, local_rank, config_dict=container, watch_parent=watch)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -126,5 +130,10 @@ if __name__ == "__main__":
     if int(os.environ.get("RANK", "0")) != 0:
         # One hydra output (config, log) per run, written by rank 0; other ranks stay quiet.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    elif "mode=search" not in sys.argv[1:] and not any(a.startswith("hydra.output_subdir=") for a in sys.argv[1:]):
+        # A training run records its config in run_config.json once it owns the run directory;
+        # hydra's .hydra/ would be rewritten by any command pointed at the directory, even one
+        # that is then refused because another run holds it.
+        sys.argv += ["hydra.output_subdir=null"]
     sys.argv = use_graph_files(sys.argv)
     main()

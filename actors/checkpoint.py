@@ -1,12 +1,29 @@
-"""Atomic checkpoint files: a crash mid-write never leaves a truncated file behind."""
+"""File primitives for run outputs: atomic writes (a crash mid-write never leaves a
+truncated file behind) with the permissions of any other file the user writes, and the
+safe reading of a model checkpoint (``weights_only``: a planted file cannot run code)."""
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Optional
 
 import torch
+
+_umask: Optional[int] = None
+_umask_lock = threading.Lock()
+
+
+def _file_mode() -> int:
+    """0666 less the process's umask: what ``open(path, "w")`` would give. ``mkstemp``
+    creates 0600 files, which would hide checkpoints from the user's group."""
+    global _umask
+    with _umask_lock:
+        if _umask is None:
+            _umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+            os.umask(_umask)
+    return 0o666 & ~_umask
 
 
 def _atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
@@ -16,6 +33,7 @@ def _atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -36,9 +54,15 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     _atomic_write(path, "w", lambda f: f.write(text))
 
 
+def load_state(path: str | os.PathLike) -> Any:
+    """``torch.load`` on the CPU with ``weights_only=True``: tensors, containers and plain
+    values only, never arbitrary objects."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a node checkpoint (or a bare state_dict): returns (state_dict, meta)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_state(path)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         return obj["model"], obj.get("meta", {})
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):

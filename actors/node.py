@@ -186,4 +186,13 @@ class GraphNode:
         if self.optimizer and state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler and state.get("scheduler"):
-            self.scheduler.load_state_dict(state["scheduler"])
+            # The schedule is a function of this run's config (its total steps follow
+            # train.epochs), not of the checkpoint: restore the scheduler's position only,
+            # and the learning rate of the next step from this run's schedule. For a plain
+            # resume that is the very same value; a run extended to more epochs continues
+            # on the schedule of the new total instead of the old one's end (lr 0).
+            sched = {**state["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)}
+            self.scheduler.load_state_dict(sched)
+            for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+                group["lr"] = base * fn(self.scheduler.last_epoch)
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]

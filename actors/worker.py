@@ -12,20 +12,16 @@ One training step of node t (of M), each part named as in the design:
 """
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from actors.checkpoint import atomic_save
 from actors.data import Dataset, Split, augment, to_float
 from actors.exchange import DistEnv, Exchange
 from actors.node import GraphNode
 from actors.progress import EpochProgress
 from actors.timing import NO_TIMER
-from coordinator.checkpoints import save_node
 from coordinator.batch_order import DX, DY, FLIP, PERM, BatchOrder, batch_fingerprint
 from coordinator.errors import BatchMismatchError, NonFiniteLossError
 
@@ -95,11 +91,14 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 class NodeWorker:
     """Graph node ``env.rank`` of a group of ``env.world_size`` processes."""
 
-    def __init__(self, cfg, env: DistEnv, exchange: Exchange, data: Dataset, run_dir: Optional[str]):
+    def __init__(self, cfg, env: DistEnv, exchange: Exchange, data: Dataset, files=None):
+        """``files``: where this node's state goes (``save_epoch(epoch, state)`` for the group
+        checkpoint, ``save_final(state)``), e.g. ``coordinator.rundir.NodeFiles``; None
+        writes nothing."""
         self.cfg, self.env, self.exchange = cfg, env, exchange
         self.index = env.rank
         self.device = env.device
-        self.run_dir = Path(run_dir) if run_dir else None
+        self.files = files
         self.data = data.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): pick the fastest kernels once
@@ -325,14 +324,10 @@ class NodeWorker:
             torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint(self) -> Optional[str]:
-        """Write this node's checkpoint atomically to ``<run_dir>/node<i>.pt``."""
-        if self.run_dir is None:
-            return None
-        path = self.run_dir / f"node{self.index}.pt"
-        atomic_save(self.state(), path)
-        return str(path)
+        """Write this node's final state (atomically; ``<run_dir>/node<i>.pt``)."""
+        return None if self.files is None else str(self.files.save_final(self.state()))
 
     def save_group_checkpoint(self) -> None:
         """This node's share of the group checkpoint at the current epoch boundary."""
-        if self.run_dir is not None:
-            save_node(self.run_dir, self.epoch, self.index, self.state())
+        if self.files is not None:
+            self.files.save_epoch(self.epoch, self.state())

@@ -35,13 +35,15 @@ class NodeActor:
         from actors.exchange import Exchange, init_distributed
         from actors.worker import NodeWorker
         from coordinator.preflight import preflight
+        from coordinator.rundir import RunDir
 
         cfg = self.cfg
         torch.set_num_threads(cfg.train.num_threads or 1)
         data = preflight(cfg, self.world_size)
         # Ray gives each actor its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES), hence local rank 0.
         env = init_distributed(self.rank, self.world_size, 0, init_method, cfg.device, cfg.backend, cfg.dist_timeout_s)
-        self.worker = NodeWorker(cfg, env, Exchange(env), data, self.run_dir)
+        files = RunDir(self.run_dir).node_files(self.rank) if self.run_dir else None
+        self.worker = NodeWorker(cfg, env, Exchange(env), data, files)
         if state is not None:
             self.worker.load_state(state)
         return self.worker.steps_per_epoch

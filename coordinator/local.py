@@ -21,10 +21,15 @@ from coordinator.preflight import check_world_size
 
 
 def _child(cfg: RunConfig, run_dir: str, rank: int, world_size: int, port: int, results) -> None:
+    import logging
+
     from coordinator.run import run_node
 
+    if not logging.getLogger().handlers:  # the run's console lines (rank 0), as under torchrun
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        summary = run_node(cfg, run_dir, rank, world_size, rank, init_method=f"tcp://127.0.0.1:{port}")
+        summary = run_node(cfg, run_dir, rank, world_size, rank, init_method=f"tcp://127.0.0.1:{port}",
+                           watch_parent=True)
         results.put((rank, "ok", summary))
     except BaseException as e:  # report, then exit non-zero
         results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -61,7 +66,7 @@ def run_local(cfg: RunConfig, run_dir: str | Path, timeout_s: Optional[float] = 
                 if deadline is not None and time.monotonic() > deadline:
                     raise RuntimeError(f"graph run timed out after {timeout_s}s; finished nodes: {sorted(outcomes)}")
         for p in procs:
-            p.join(timeout=60 if len(outcomes) == m else 10)
+            p.join(timeout=60 if len(outcomes) == m else 3)  # after a failure the others are stuck in a collective
     finally:
         for p in procs:
             if p.is_alive():

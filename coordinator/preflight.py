@@ -67,20 +67,6 @@ def check_checkpoints(cfg: RunConfig, data: Dataset) -> None:
             raise ConfigError(f"{where} does not fit a {n.model} for {data.name}: {' '.join(first[:3])[:400]}") from e
 
 
-def check_run_dir(run_dir) -> None:
-    """The run directory can be created and written (checkpoints and metrics go there)."""
-    import tempfile
-    from pathlib import Path
-
-    try:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"cannot write to the run directory {run_dir} ({type(e).__name__}: {e}); "
-                          "choose another with hydra.run.dir=<dir>") from e
-
-
 def preflight(cfg: RunConfig, world_size: int) -> Dataset:
     """All input checks; returns the loaded (CPU) dataset for the worker to use."""
     check_world_size(cfg, world_size)

@@ -1,16 +1,16 @@
 """Rank 0's record of a run: console lines, ``metrics.jsonl``, ``summary.json``, wandb.
 
-The only place that writes run outputs or talks to wandb (imported here, where it is used).
+The only place that talks to wandb (imported here, where it is used); the files it writes
+go through the run's ``RunDir``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any, Optional
 
-from actors.checkpoint import atomic_write_text
+from coordinator.rundir import RunDir
+
 
 log = logging.getLogger("ktg")
 
@@ -41,33 +41,31 @@ def wandb_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class RunRecorder:
-    def __init__(self, cfg, run_dir: str | Path, config_dict: dict[str, Any], wandb_name: Optional[str] = None,
-                 resume_epoch: int = 0):
+    """Rank 0's record of one run in its ``RunDir``. ``history``: the metrics rows of the
+    epochs already done (a resumed run), one list of rows (by node) per epoch."""
+
+    def __init__(self, cfg, run_dir: RunDir, config_dict: dict[str, Any], wandb_name: Optional[str] = None,
+                 history: Optional[list[list[dict[str, Any]]]] = None):
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.history: list[list[dict[str, Any]]] = []
+        self.run_dir = run_dir
+        self.history: list[list[dict[str, Any]]] = list(history or [])
         self.t0 = time.perf_counter()
-        self.train_time = 0.0
+        self.train_time = sum(max(r["train_time_s"] for r in rows) for rows in self.history)
         self.wandb = None
-        atomic_write_text(json.dumps(config_dict, indent=2, default=str) + "\n", self.run_dir / "run_config.json")
-        if resume_epoch:
-            self._reload(resume_epoch)
-        elif self.metrics_path.exists():
-            self.metrics_path.unlink()  # a fresh run in a used directory starts a fresh record
         if cfg.logger.backend == "wandb":
             import wandb
 
             lc = cfg.logger
+            # one wandb run per run directory: resumes and restarts log into the same run
             self.wandb = wandb.init(
                 project=lc.project, entity=lc.entity, group=lc.group, tags=list(lc.tags) or None,
-                name=wandb_name or f"{cfg.graph.name}-{cfg.dataset.name}-s{cfg.seed}", dir=str(self.run_dir),
-                config=config_dict, mode=lc.mode, reinit="finish_previous",
+                name=wandb_name or f"{cfg.graph.name}-{cfg.dataset.name}-s{cfg.seed}", dir=str(run_dir.path),
+                config=config_dict, mode=lc.mode, reinit="finish_previous", id=run_dir.wandb_id(), resume="allow",
             )
             self.wandb.define_metric("epoch")
             self.wandb.define_metric("*", step_metric="epoch")
-            self._log_graph_image()
+            if not self.history:
+                self._log_graph_image()
 
     def _log_graph_image(self) -> None:
         """The graph as the paper draws it, as the run's ``graph`` image (also kept in
@@ -77,23 +75,10 @@ class RunRecorder:
         try:
             from coordinator.pictures import graph_image
 
-            path = graph_image(self.cfg.graph, self.run_dir / "pictures" / "graph.png")
+            path = graph_image(self.cfg.graph, self.run_dir.path / "pictures" / "graph.png")
             self.wandb.log({"graph": wandb.Image(str(path), caption=self.cfg.graph.describe())}, commit=False)
         except Exception as e:  # a picture must never stop a training run
             log.warning(f"could not draw the graph for wandb: {type(e).__name__}: {e}")
-
-    def _reload(self, epoch: int) -> None:
-        """Keep the records of epochs 1..epoch (those the checkpoint holds); drop the rest."""
-        rows = []
-        if self.metrics_path.exists():
-            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r["epoch"] <= epoch]
-        atomic_write_text("".join(json.dumps(r) + "\n" for r in rows), self.metrics_path)
-        by_epoch: dict[int, list[dict[str, Any]]] = {}
-        for r in rows:
-            by_epoch.setdefault(r["epoch"], []).append(r)
-        self.history = [sorted(by_epoch[e], key=lambda r: r["node"]) for e in sorted(by_epoch)]
-        self.train_time = sum(max(r["train_time_s"] for r in rows) for rows in self.history)
 
     def log_epoch(self, rows: list[dict[str, Any]]) -> None:
         """``rows``: one metrics dict per node for the epoch just finished (keys starting
@@ -101,9 +86,7 @@ class RunRecorder:
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
         self.history.append(rows)
         self.train_time += max(r["train_time_s"] for r in rows)
-        with open(self.metrics_path, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        self.run_dir.append_metrics(rows)
         e, r0 = rows[0]["epoch"], rows[0]
         parts = [f"n{r['node']} {r['model']}{'*' if r['frozen'] else ''} "
                  f"loss {r['train_loss'] if r['train_loss'] is not None else float('nan'):.3f} "
@@ -138,7 +121,7 @@ class RunRecorder:
             "train_s": self.train_time,
             "images_per_s": images / self.train_time if self.train_time > 0 else None,
         }
-        atomic_write_text(json.dumps(summary, indent=2) + "\n", self.run_dir / "summary.json")
+        self.run_dir.write_summary(summary)
         log.info("final test accuracy: " + ", ".join(
             f"node {n['index']} ({n['model']}{'*' if n['frozen'] else ''}) {n['final_test_acc']:.2f}%" for n in nodes)
             + f"; ensemble {summary['ensemble_test_acc']:.2f}%")

@@ -243,8 +243,10 @@ def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfi
     from ray import tune
     from ray.util import get_current_placement_group
 
+    from actors.checkpoint import load_state
     from coordinator.group import ActorGroup
     from coordinator.recorder import RunRecorder
+    from coordinator.rundir import RunDir
 
     t_start = time.time()
     ctx = tune.get_context()
@@ -260,22 +262,26 @@ def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfi
             _set_dotted(cfg_dict, key[len("extra:"):], value)
     cfg_dict.setdefault("logger", {})["group"] = experiment
     cfg = RunConfig.from_dict(cfg_dict)
-    run_dir = ctx.get_trial_dir()
+    run_dir = RunDir(ctx.get_trial_dir())
 
-    states, start = None, 0
+    states, start, history = None, 0, []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a retried or resumed trial continues where it stopped
         with checkpoint.as_directory() as d:
-            states = [torch.load(Path(d) / f"node{i}.pt", weights_only=False) for i in range(cfg.graph.num_nodes)]
+            states = [load_state(Path(d) / f"node{i}.pt") for i in range(cfg.graph.num_nodes)]
         start = int(states[0]["epoch"])
+        history = run_dir.keep_metrics(start, cfg.graph.num_nodes)
+    else:
+        run_dir.clear_metrics()
+    run_dir.write_config(cfg_dict)
 
     gpus = space.gpus_per_node
     if gpus is None:
         import ray
 
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    group = ActorGroup(cfg, run_dir, get_current_placement_group(), space.cpus_per_node, gpus, states)
-    recorder = RunRecorder(cfg, run_dir, cfg_dict, wandb_name=f"{experiment}-{trial_id}", resume_epoch=start)
+    group = ActorGroup(cfg, str(run_dir), get_current_placement_group(), space.cpus_per_node, gpus, states)
+    recorder = RunRecorder(cfg, run_dir, cfg_dict, wandb_name=f"{experiment}-{trial_id}", history=history)
     try:
         for epoch in range(start, cfg.train.epochs):
             rows = group.run_epoch(epoch)

@@ -165,12 +165,12 @@ def test_nan_steps_can_be_skipped_and_counted(tmp_path):
 
 
 def test_unwritable_run_dir_is_refused(tmp_path):
-    from coordinator.preflight import check_run_dir
+    from coordinator.rundir import RunDir
 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match=r"cannot write to the run directory .*a-file/run .*hydra.run.dir"):
-        check_run_dir(blocker / "run")
+        RunDir(blocker / "run").prepare()
 
 
 def test_resume_with_another_graph_is_refused(tmp_path):
@@ -205,7 +205,7 @@ def test_resume_with_another_seed_is_refused(tmp_path):
 def test_resume_refuses_a_run_dir_of_a_quick_look(tmp_path):
     """A quick look (train.max_steps_per_epoch) and the real run must not share a run dir:
     the real run would continue the quick look's few-step epochs."""
-    from coordinator.run import _changed
+    from coordinator.rundir import changed_settings as _changed
 
     quick = small_config(["convnet"], [[T]], train={"epochs": 1, "max_steps_per_epoch": 3})
     real = small_config(["convnet"], [[T]], train={"epochs": 20})

@@ -1,0 +1,35 @@
+"""A node process that outlives its launcher ends itself.
+
+torchrun starts its workers in sessions of their own, so a SIGKILL of the torchrun agent
+(or of the Python process that called ``run_local``) leaves them running: they would
+finish the run in the background, writing into a run directory that a re-run is already
+using, or hang at the rendezvous. ``exit_with_parent`` starts a daemon thread that notices
+within ``interval_s`` that the parent is gone (the process is re-parented) and ends this
+process at once (``os._exit``): every file it wrote is complete (atomic writes), and the
+run directory's lock is released by the kernel with the process.
+
+Only for processes started by a launcher: a plain ``python launch.py`` is not watched (its
+parent is a shell, which may exit while the run goes on under ``nohup``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+
+def exit_with_parent(interval_s: float = 0.5, who: str = "node") -> threading.Thread:
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                print(f"[ktg] {who} (pid {os.getpid()}): its launcher (pid {parent}) is gone; exiting",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+    thread = threading.Thread(target=watch, name="ktg-lifeline", daemon=True)
+    thread.start()
+    return thread

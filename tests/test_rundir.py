@@ -1,0 +1,297 @@
+"""A run directory never holds a silent mix: extending a run, stale checkpoints, orphaned
+workers, two writers, damaged files, safe loading, permissions, one wandb run.
+
+Each test here failed before ``coordinator.rundir`` owned the directory."""
+import json
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.checkpoint import load_model_weights
+from coordinator.errors import ConfigError
+from coordinator.local import run_local
+from tests.helpers import small_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+T = "Through"
+PAIR = (["convnet", "convnet"], [[T, T], [T, T]])
+
+
+def pair(epochs, steps=4, keep=2, **kw):
+    """Two convnets, a few steps an epoch: a run of a few seconds."""
+    train = {"epochs": epochs, "batch_size": 32, "num_threads": 1, "max_steps_per_epoch": steps,
+             "keep_checkpoints": keep, "progress": "off", **kw.pop("train", {})}
+    return small_config(*PAIR, train=train, **kw)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir, n=2):
+    return [load_model_weights(Path(run_dir) / f"node{i}.pt")[0] for i in range(n)]
+
+
+def assert_same(a, b):
+    for wa, wb in zip(a, b):
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def alive(pid):
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+
+
+def descendants(pid):
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_all(pids):
+    """SIGKILL whatever of ``pids`` is left (a test never leaves a run behind)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def wait_for(cond, timeout, what):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return time.time() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not within {timeout}s")
+
+
+# --- 1. extending a run -----------------------------------------------------------------------------
+
+def test_an_extended_run_trains_its_new_epochs_on_the_new_schedule(tmp_path):
+    """Regression: the restored scheduler kept the old total, so epochs 4-5 ran at lr 0.
+    The same two runs check that files get the user's permissions (they were 0600) and
+    that the resumed run logs into the same wandb run (it started a second one)."""
+    wb = {"backend": "wandb", "mode": "offline", "project": "ktg-test"}
+    old_umask = os.umask(0o022)
+    try:
+        run_local(pair(3, logger=wb), tmp_path, timeout_s=300)
+        before = weights(tmp_path)
+        run_local(pair(5, logger=wb), tmp_path, timeout_s=300)
+    finally:
+        os.umask(old_umask)
+    rows = metrics(tmp_path)
+    assert [(r["epoch"], r["node"]) for r in rows] == [(e, n) for e in range(1, 6) for n in range(2)]
+    total = 5 * 4
+    for r in rows[6:]:  # the added epochs: cosine on the new total (20 steps), from the resumed step on
+        k = r["epoch"] * 4
+        assert r["lr"] == pytest.approx(0.05 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * k / total)).item()), rel=1e-6)
+    assert rows[6]["lr"] > 0.004 and rows[7]["lr"] > 0.004  # epoch 4: 0.05 * 0.095
+    after = weights(tmp_path)
+    assert not all(torch.equal(after[0][k], before[0][k]) for k in before[0])  # the new epochs trained
+
+    for name in ("node0.pt", "summary.json", "metrics.jsonl", "run_config.json", "run_state.json",
+                 "checkpoints/latest.json", "checkpoints/epoch_0005/node1.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, [r.name for r in runs]  # one wandb run id
+
+
+def test_extending_a_constant_schedule_is_bitwise_the_longer_run(tmp_path):
+    """Without a total-dependent schedule or Linear gates, 3 + 2 epochs == 5 epochs."""
+    const = {"lr": 0.05, "schedule": "constant", "milestones": [], "warmup_epochs": 0}
+    run_local(pair(5, optim=const), tmp_path / "straight", timeout_s=300)
+    run_local(pair(3, optim=const), tmp_path / "ext", timeout_s=300)
+    run_local(pair(5, optim=const), tmp_path / "ext", timeout_s=300)
+    assert_same(weights(tmp_path / "ext"), weights(tmp_path / "straight"))
+
+
+# --- 2. stale checkpoints ------------------------------------------------------------------------------
+
+def test_a_fresh_run_sets_the_old_runs_outputs_aside(tmp_path, capfd):
+    """Regression: train.resume=false left the old checkpoints/latest.json; a next run
+    killed before its first checkpoint then resumed the *previous* run's weights."""
+    run_local(pair(2), tmp_path, timeout_s=300)  # run A: seed 0, 2 epochs, checkpoints at 1, 2
+    old = weights(tmp_path)
+    nan = {"lr": float("inf"), "schedule": "cosine", "milestones": [], "warmup_epochs": 0}
+    with pytest.raises(RuntimeError, match="non-finite"):  # run B: starts over, dies in epoch 1
+        run_local(pair(3, seed=1, optim=nan, train={"resume": False}), tmp_path, timeout_s=300)
+    assert "moved them to" in capfd.readouterr().err
+    aside = list((tmp_path / "replaced").iterdir())
+    assert len(aside) == 1 and json.loads((aside[0] / "run_config.json").read_text())["seed"] == 0
+    assert_same([load_model_weights(aside[0] / f"node{i}.pt")[0] for i in range(2)], old)  # nothing lost
+    assert not (tmp_path / "checkpoints").exists()
+    # run C, B's config (skipping the NaN steps), resume on: nothing of A may be resumed
+    run_local(pair(3, seed=1, optim=nan, train={"nonfinite": "skip"}), tmp_path, timeout_s=300)
+    assert [r["epoch"] for r in metrics(tmp_path)] == [1, 1, 2, 2, 3, 3]  # every epoch trained by C
+
+
+def test_checkpoints_without_a_readable_config_are_not_resumed(tmp_path):
+    """Regression: a missing or unreadable run_config.json skipped every compatibility check."""
+    run_local(pair(1), tmp_path, timeout_s=300)
+    config = tmp_path / "run_config.json"
+    text = config.read_text()
+    for damage in ("missing", "garbage"):
+        if damage == "missing":
+            config.unlink()
+        else:
+            config.write_text(text[: len(text) // 2])
+        with pytest.raises(ConfigError, match=r"run_config.json is (missing|unreadable).*cannot be checked.*train.resume=false"):
+            run_local(pair(2, seed=5), tmp_path, timeout_s=300)
+
+
+# --- 3. workers do not outlive their launcher -------------------------------------------------------------
+
+def test_workers_end_when_torchrun_is_killed(tmp_path):
+    p = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", "launch.py", "graph=dml",
+                          "graph.nodes.0.model=convnet", "graph.nodes.1.model=convnet", "logger=none",
+                          "train.epochs=500", "train.batch_size=32", f"hydra.run.dir={tmp_path}"],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        wait_for(lambda: (tmp_path / "metrics.jsonl").exists(), 120, "epoch 1")
+        workers = [c for c in descendants(p.pid) if b"launch.py" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        p.kill()  # SIGKILL the agent: it cannot stop its workers
+        took = wait_for(lambda: not any(alive(w) for w in workers), 15, "the workers' exit")
+        assert took < 5
+    finally:
+        kill_all([p.pid, *workers, *descendants(p.pid)])
+
+
+def test_workers_end_when_the_run_local_caller_is_killed(tmp_path):
+    script = ("import sys; sys.path.insert(0, '.'); from tests.test_rundir import pair; "
+              "from coordinator.local import run_local; "
+              f"run_local(pair(500, steps=0), {str(tmp_path)!r})")
+    p = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kids = []
+    try:
+        wait_for(lambda: (tmp_path / "metrics.jsonl").exists(), 120, "epoch 1")
+        kids = [c for c in descendants(p.pid) if b"multiprocessing" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert kids
+        p.kill()
+        took = wait_for(lambda: not any(alive(k) for k in kids), 15, "the nodes' exit")
+        assert took < 5
+    finally:
+        kill_all([p.pid, *kids, *descendants(p.pid)])
+
+
+# --- 4. one run per directory -------------------------------------------------------------------------------
+
+def test_a_second_run_into_a_used_directory_is_refused_at_once(tmp_path):
+    script = ("import sys; sys.path.insert(0, '.'); from tests.test_rundir import pair; "
+              "from coordinator.local import run_local; "
+              f"run_local(pair(500, steps=0), {str(tmp_path)!r})")
+    first = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (tmp_path / "metrics.jsonl").exists(), 120, "epoch 1")
+        t0 = time.time()
+        with pytest.raises(ConfigError, match=rf"the run directory {tmp_path} is in use by another run \(pid \d+"):
+            run_local(pair(2, seed=3), tmp_path, timeout_s=120)
+        assert time.time() - t0 < 30  # refused by rank 0 before any training (spawn + import time only)
+        kids = descendants(first.pid)
+        first.kill()  # a killed run's lock goes with it
+        wait_for(lambda: not any(alive(k) for k in kids), 15, "the first run's exit")
+    finally:
+        kill_all([first.pid, *descendants(first.pid)])
+    done = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["epoch"]
+    run_local(pair(done + 1, steps=0), tmp_path, timeout_s=300)  # the same run resumes and ends
+    epochs = [r["epoch"] for r in metrics(tmp_path)]
+    assert epochs == sorted(epochs) and len(epochs) == len(set(zip(epochs, [r["node"] for r in metrics(tmp_path)])))
+
+
+# --- 5. damaged run directories -------------------------------------------------------------------------------
+
+EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 5-epoch run that kept every epoch's checkpoint, and its final weights."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    run_local(pair(EPOCHS, keep=EPOCHS), run_dir, timeout_s=300)
+    return run_dir, weights(run_dir)
+
+
+def copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_marker_that_does_not_parse_is_not_trusted(tmp_path, finished, capfd):
+    src, final = finished
+    run_dir = copy_run(src, tmp_path / "run")
+    (run_dir / "checkpoints" / "latest.json").write_text('{"epo')
+    run_local(pair(EPOCHS, keep=EPOCHS), run_dir, timeout_s=300)
+    assert "latest.json does not parse" in capfd.readouterr().err
+    assert_same(weights(run_dir), final)
+    assert [(r["epoch"], r["node"]) for r in metrics(run_dir)] == [(e, n) for e in range(1, EPOCHS + 1) for n in range(2)]
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_epoch_every_node_has_intact(tmp_path, finished, capfd):
+    """One damage per epoch, newest first: a missing file, another node's file, a planted
+    pickle that would run code, a half-written file; epoch 1 is intact. Plus a cut last
+    line in metrics.jsonl. The run resumes from epoch 1 and ends bitwise where the
+    undamaged run ended, with each epoch's rows once."""
+    src, final = finished
+    run_dir = copy_run(src, tmp_path / "run")
+    ck = run_dir / "checkpoints"
+    (ck / "latest.json").write_text(json.dumps({"epoch": EPOCHS - 1, "nodes": 2}) + "\n")  # a crash in the last epoch
+    rows = (src / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(rows[: 2 * (EPOCHS - 1) + 1]) + "\n" + rows[-1][:25])
+    (ck / "epoch_0004" / "node1.pt").unlink()
+    (ck / "epoch_0003" / "node1.pt").write_bytes((ck / "epoch_0003" / "node0.pt").read_bytes())
+    proof = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {proof}",))
+
+    with open(ck / "epoch_0002" / "node0.pt", "wb") as f:
+        pickle.dump({"model": Payload()}, f)
+    half = ck / "epoch_0002" / "node1.pt"
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
+    run_local(pair(EPOCHS, keep=EPOCHS), run_dir, timeout_s=300)
+    err = capfd.readouterr().err
+    for why in ("epoch_0004/node1.pt is missing", "epoch_0003/node1.pt holds node 0", "epoch_0002/node0.pt does not load",
+                "epoch_0002/node1.pt does not load", "resuming from epoch 1, the newest epoch every node has intact",
+                "metrics.jsonl: dropped line"):
+        assert why in err, why
+    assert not proof.exists()  # weights_only: the planted pickle never ran
+    assert_same(weights(run_dir), final)
+    assert [(r["epoch"], r["node"]) for r in metrics(run_dir)] == [(e, n) for e in range(1, EPOCHS + 1) for n in range(2)]
+
+
+def test_no_intact_epoch_stops_with_the_file_named_and_rewrites_nothing(tmp_path, finished):
+    src, _ = finished
+    run_dir = copy_run(src, tmp_path / "run")
+    for e in range(1, EPOCHS + 1):
+        (run_dir / "checkpoints" / f"epoch_{e:04d}" / "node1.pt").write_bytes(b"not a checkpoint")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(ConfigError, match=rf"no epoch in .*checkpoints is intact on every node \(.*epoch_000{EPOCHS}/node1.pt "
+                                          r"does not load .*train.resume=false"):
+        run_local(pair(EPOCHS, keep=EPOCHS), run_dir, timeout_s=300)
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # node0.pt, summary.json, metrics: untouched by a refused resume
