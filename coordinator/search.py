@@ -13,6 +13,10 @@ Frozen nodes: a sampled node whose incoming gates are all Cutoff is a frozen tea
 no such file are never sampled frozen. With ``frozen: exclude`` no frozen node is sampled.
 A graph with a frozen target is never trained: the random searcher resamples it; with a
 model-based searcher the trial reports 0 without training, so the searcher learns to avoid it.
+
+Resume: a new search records what defines it in ``<experiment>/search_space.json``
+(``search_record``); ``search.resume=<experiment>`` with another space, seed, budget or
+training config is refused before Ray starts, naming each change (``check_resume``).
 """
 from __future__ import annotations
 
@@ -20,19 +24,19 @@ import copy
 import csv
 import json
 import logging
-import math
 import os
 import pickle
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
+from actors.checkpoint import atomic_write_text
 from actors.gates import GATES, is_cutoff
 from actors.models import MODELS
 from coordinator.config import RunConfig, _build
@@ -42,6 +46,21 @@ log = logging.getLogger("ktg")
 METRIC = "target_val_acc"
 SEARCHERS = ("random", "optuna")
 FROZEN_POLICIES = ("teachers", "exclude")
+RECORD = "search_space.json"
+"""What defines a search, written into the experiment folder when it starts; a resume checks it."""
+DEFINING = ("num_nodes", "target_model", "zoo", "models", "gates", "frozen", "teachers_dir", "extra",
+            "num_samples", "max_epochs", "grace_period", "reduction_factor", "searcher",
+            "cpus_per_node", "gpus_per_node")
+"""SearchConfig fields recorded and compared on resume: the space, the trial budget, ASHA's
+schedule, the sampler, and each trial's resources (a resumed trial keeps its placement group, so
+other per-node resources would not fit it). The rest say how this attempt runs and apply to a
+resume: name, storage, resume, verbose, num_cpus, address, checkpoint_every, max_failures (to
+the trials it starts: a restored trial keeps its own); not max_concurrent, whose first-attempt
+limit Tune restores (a change is warned about)."""
+TRAINING = ("dataset", "optim", "train.batch_size", "train.max_steps_per_epoch", "train.precision", "train.nonfinite")
+"""Parts of the base config recorded with the search: what each trial learns from and how
+(``dataset.root`` and ``dataset.download`` say where the data is, not what it is)."""
+NOT_TRAINING = ("dataset.root", "dataset.download")
 
 
 @dataclass
@@ -313,12 +332,32 @@ def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfi
 class Progress(Callback):
     """The search's console: one compact line per ended trial (completed, stopped by ASHA,
     failed), and every ``every_s`` seconds a status line (running trials and their epochs,
-    trials done, best so far), instead of Tune's tables."""
+    trials done, best so far), instead of Tune's tables. A resumed search's counts and best
+    include the trials of earlier attempts (``adopt``); its clock starts at this attempt."""
+
+    adopted = False
+    """Whether the trials Tune restored have been counted (a class default: a Progress that an
+    older version pickled into tuner.pkl has no such attribute)."""
 
     def __init__(self, total: int, max_epochs: int = 0, every_s: float = 30.0):
         self.total, self.max_epochs, self.every_s = total, max_epochs, every_s
         self.done, self.best, self.best_trial = 0, -1.0, None
         self.t0 = self.last = time.monotonic()
+
+    def adopt(self, trials) -> None:
+        """Count the trials that ended in earlier attempts and take the best val accuracy any
+        trial reported then. Tune hands a restored search's trials to the first step and never
+        calls on_trial_complete for those that had ended; a new search has none there."""
+        self.adopted = True
+        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        for t in trials:
+            r = t.last_result or {}
+            top = ((getattr(t, "metric_analysis", None) or {}).get(METRIC) or {}).get("max", r.get(METRIC))
+            self._seen(t, {METRIC: top, "invalid": r.get("invalid")})
+        self.done += len(ended)
+        if ended or self.best_trial:
+            best = f"best val {self.best:.2f} ({self.best_trial})" if self.best_trial else "no result yet"
+            print(f"[search] resumed: {len(ended)}/{self.total} trials ended in earlier attempts | {best}", flush=True)
 
     def _seen(self, trial, result) -> None:
         acc = (result or {}).get(METRIC)
@@ -338,6 +377,10 @@ class Progress(Callback):
         acc_s = f"{acc:.2f}" if acc is not None else "-"
         print(f"[search] {self.done}/{self.total} trial {trial.trial_id} {status} at epoch "
               f"{epoch}: val {acc_s} (best so far {self.best:.2f})", flush=True)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self.adopted:
+            self.adopt(trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._seen(trial, result)
@@ -391,6 +434,81 @@ def _base_dict(base: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+# --- what defines a search: recorded when it starts, checked when it resumes ---------------------
+
+
+def search_record(space: SearchConfig, base: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Everything that defines the search, as ``{dotted name: value}`` (JSON values): the
+    DEFINING fields as ``search.<field>``; ``search.teachers``, the zoo models with a teacher
+    checkpoint (those may be sampled frozen); the seed (the sampler's; the launcher gives it
+    to every trial too); and TRAINING of the base config, less the keys that search.extra
+    searches (each trial overrides them)."""
+    record: dict[str, Any] = {f"search.{k}": getattr(space, k) for k in DEFINING}
+    record["search.teachers"] = sorted(m for m in set(space.zoo) if space.can_freeze(m))
+    record["seed"] = seed
+    run = RunConfig.from_dict({**base, "graph": {"nodes": [space.target_model], "gates": [["Through"]]}}).to_dict()
+    for key in TRAINING:
+        section, _, name = key.partition(".")
+        value = run[section][name] if name else run[section]
+        record.update(_flatten(value, section + ".") if isinstance(value, dict) else {key: value})
+    for key in (*NOT_TRAINING, *space.extra):
+        record.pop(key, None)
+    return json.loads(json.dumps(record))
+
+
+def write_record(out_dir: Path, record: dict[str, Any], space: SearchConfig) -> None:
+    """``<experiment>/search_space.json``: the record, and the setting a resume keeps from the
+    first attempt whatever the command says (Tune restores the concurrency limit)."""
+    text = json.dumps({"defines": record, "kept": {"search.max_concurrent": space.max_concurrent}}, indent=2)
+    atomic_write_text(text + "\n", out_dir / RECORD)
+
+
+def check_resume(path: Path, record: dict[str, Any], space: SearchConfig) -> None:
+    """Refuse to resume the search in ``path`` with other settings than it started with:
+    Tune would keep the first attempt's sampler, scheduler and budget, but train the trials
+    it starts now with the new config (one experiment, two searches). An experiment with no
+    readable record (an older version wrote it) cannot be checked: warn and go on."""
+    file = path / RECORD
+    try:
+        saved = json.loads(file.read_text())
+        old, kept = saved["defines"], saved.get("kept", {})
+    except FileNotFoundError:
+        log.warning(f"[search] {path} has no {RECORD} (an older version started it): cannot check that this "
+                    "command has the same search space, seed and trial budget; resuming as Tune recorded it")
+        return
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning(f"[search] {file} is unreadable ({e}): cannot check that this command has the same search "
+                    "space, seed and trial budget; resuming as Tune recorded it")
+        return
+    changed = [f"{k}: {json.dumps(old[k])} -> {json.dumps(v)}" for k, v in record.items() if k in old and old[k] != v]
+    if changed:
+        raise ConfigError(f"search.resume={space.resume}: that search started with other settings ({'; '.join(changed)}); "
+                          f"resuming it with these would mix two searches. Resume it with the settings it started with "
+                          f"(recorded in {file}), or start a new search without search.resume")
+    was = kept.get("search.max_concurrent")
+    if was is not None and was != space.max_concurrent:
+        log.warning(f"[search] search.max_concurrent={space.max_concurrent} does not apply to a resumed search: "
+                    f"Tune keeps the first attempt's limit ({was})")
+
+
+def _resumable(space: SearchConfig) -> Path:
+    """The experiment folder named by search.resume, if Tune can restore it."""
+    from ray import tune
+
+    path = Path(space.resume).resolve()
+    if not tune.Tuner.can_restore(str(path)):
+        raise ConfigError(f"search.resume={space.resume}: no Tune experiment to resume there")
+    return path
+
+
+def _restored_run_config(tuner) -> Optional[Any]:
+    """The run config a restored Tuner will run with. Tune unpickles the first attempt's from
+    tuner.pkl, callbacks included (a Progress that counts from 0) and its max_failures, so a
+    resume sets those anew. None under Ray Client (the tuner is remote)."""
+    internal = getattr(tuner, "_local_tuner", None)
+    return internal.get_run_config() if internal is not None else None
+
+
 def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     """Run (or resume) the search; write the best graph and the trial table into the
     experiment folder; return a summary."""
@@ -403,11 +521,17 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
     base["train"]["progress"] = "off"  # the search prints its own progress (Progress)
     RunConfig.from_dict({**base, "graph": {"nodes": [space.target_model], "gates": [["Through"]]}})  # validate early
     space = copy.deepcopy(space)
+    record = search_record(space, base, seed)
     space.teachers_dir = os.path.abspath(space.teachers_dir)
     missing = [m for m in space.zoo if not space.can_freeze(m)]
     if space.frozen == "teachers" and missing:
         log.info(f"[search] no teacher checkpoint for {missing} under {space.teachers_dir}: those are never sampled frozen")
     out_dir = Path(out_dir).resolve()
+    if space.resume:  # checked before Ray starts: a refusal is immediate
+        out_dir = _resumable(space)
+        check_resume(out_dir, record, space)
+    else:
+        write_record(out_dir, record, space)
     experiment = out_dir.name
     _init_ray(space)
 
@@ -420,13 +544,16 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
     bundles = [{"CPU": 1}] + [{"CPU": space.cpus_per_node, "GPU": gpus}] * space.num_nodes
     trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
 
+    callbacks = [Progress(space.num_samples, space.max_epochs)] if space.verbose else []
     if space.resume:
-        path = str(Path(space.resume).resolve())
-        if not tune.Tuner.can_restore(path):
-            raise ConfigError(f"search.resume={space.resume}: no Tune experiment to resume there")
-        log.info(f"[search] resuming {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-        out_dir = Path(path)
+        log.info(f"[search] resuming {out_dir}")
+        tuner = tune.Tuner.restore(str(out_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        run_config = _restored_run_config(tuner)
+        if run_config is not None:
+            run_config.callbacks = callbacks
+            run_config.failure_config = tune.FailureConfig(max_failures=space.max_failures)
+        else:
+            log.warning("[search] under Ray Client the resumed search keeps its first attempt's console and max_failures")
     else:
         if space.searcher == "random":
             search_alg, param_space = GraphRandomSearch(space, seed), {}
@@ -452,7 +579,7 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
                 name=experiment, storage_path=str(out_dir.parent), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=space.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[Progress(space.num_samples, space.max_epochs)] if space.verbose else [],
+                callbacks=callbacks,
             ),
         )
     t0 = time.time()
@@ -511,8 +638,8 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
     if interrupted:
         print(render_table(rows), flush=True)
         print(f"[search] interrupted with {sum(r['status'].startswith('unfinished') for r in rows)} unfinished trial(s) "
-              f"of {space.num_samples}; continue it with: python launch.py mode=search search={space.name} "
-              f"search.resume={out_dir}", flush=True)
+              f"of {space.num_samples}; continue it with the command that started it plus search.resume={out_dir}, "
+              f"e.g. python launch.py mode=search search={space.name} search.resume={out_dir}", flush=True)
         return {"experiment": str(out_dir), "interrupted": True, "trials": len(rows)}
     trained = [r for r in rows if r["last_val_acc"] is not None and r["status"] in ("completed", "stopped by ASHA")]
     if not trained:
