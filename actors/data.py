@@ -1,7 +1,7 @@
 """Datasets as uint8 tensors, and augmentation done on the tensor's own device.
 
 A dataset is loaded once per node process into ``[N, C, H, W]`` uint8 (+ int64 labels)
-and moved to the node's device. Augmentation (reflect-pad + random crop, horizontal flip)
+and moved to the node's device. Augmentation (reflect- or zero-pad + random crop, horizontal flip)
 is applied per sample *with parameters handed out by the coordinator* (see
 ``coordinator.batch_order``), so every node of a graph holds bitwise the same augmented
 batch, and no DataLoader worker sits in the hot path.
@@ -251,8 +251,11 @@ def to_float(x: torch.Tensor, mean: Optional[torch.Tensor] = None, std: Optional
     return x
 
 
-def augment(x: torch.Tensor, offsets: torch.Tensor, flips: Optional[torch.Tensor], pad: int) -> torch.Tensor:
-    """Per-sample reflect-pad + crop and horizontal flip of a float batch, on its device.
+def augment(x: torch.Tensor, offsets: torch.Tensor, flips: Optional[torch.Tensor], pad: int,
+            pad_mode: str = "reflect") -> torch.Tensor:
+    """Per-sample pad + crop and horizontal flip of a float batch, on its device. The padding
+    is ``reflect`` (DCL) or ``zeros`` (black pixels of the [0, 1] image, as torchvision's
+    ``RandomCrop(padding=...)``; normalisation comes after).
 
     ``offsets``: [B, 2] int64 crop corners (dy, dx) in [0, 2*pad]; ``flips``: [B] bool, or
     None for no flipping. The parameters come from the coordinator, so the result is
@@ -260,7 +263,12 @@ def augment(x: torch.Tensor, offsets: torch.Tensor, flips: Optional[torch.Tensor
     """
     b, _, h, w = x.shape
     if pad > 0:
-        xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        if pad_mode == "reflect":
+            xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        elif pad_mode == "zeros":
+            xp = F.pad(x, (pad, pad, pad, pad), mode="constant", value=0.0)
+        else:
+            raise ValueError(f"pad_mode must be reflect or zeros; got {pad_mode!r}")
         rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # [B, H]
         cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # [B, W]
         bi = torch.arange(b, device=x.device)[:, None, None]

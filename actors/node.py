@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from actors.checkpoint import load_model_weights
-from actors.gates import GATES
+from actors.gates import GATES, gate_progress
 from actors.losses import EDGE_LOSSES, label_loss
 from actors.models import build_model
 
@@ -25,7 +25,10 @@ def node_seed(seed: int, index: int) -> int:
 @dataclass
 class LrSchedule:
     """Learning-rate factor as a function of the optimiser step (0-based), stepped every
-    iteration: linear warm-up, then multistep (milestones in epochs), cosine or constant."""
+    iteration: linear warm-up, then multistep (milestones in epochs), cosine or constant.
+    With ``per_epoch`` the factor changes once an epoch only (each step of epoch e, 0-based,
+    takes the factor of the epoch's first step): cosine is then ``0.5 (1 + cos(pi e / E))``,
+    ``CosineAnnealingLR(T_max=E)`` stepped once an epoch."""
 
     schedule: str
     steps_per_epoch: int
@@ -33,8 +36,11 @@ class LrSchedule:
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     warmup_steps: int = 0
+    per_epoch: bool = False
 
     def __call__(self, step: int) -> float:
+        if self.per_epoch:
+            step -= step % self.steps_per_epoch
         f = 1.0
         if self.schedule == "multistep":
             epoch = step // self.steps_per_epoch
@@ -54,8 +60,15 @@ class GraphNode:
         L_t = G_tt(CE(y, z_t)) + sum_{s != t} G_st(T^2 KL(p_s || p_t))     (reduction=sum, DCL)
         L_t = G_tt(CE(y, z_t)) + mean_{s != t} G_st(...)                    (reduction=mean)
 
-    A frozen node (every incoming gate Cutoff) runs in eval mode under no_grad (so its
-    BatchNorm statistics stay those of its checkpoint) and is never stepped.
+    A frozen node (every incoming gate Cutoff) runs under no_grad and is never stepped.
+    With ``graph.frozen_bn=eval`` (default) it runs in eval mode, so its BatchNorm
+    statistics stay those of its checkpoint; with ``train`` it runs in train mode, as both
+    reference codes ran their teachers: BatchNorm normalises with each batch's statistics
+    and its running statistics drift (they are buffers of the model, so they are part of
+    ``state_dict()`` and of every checkpoint, and a resumed run continues them exactly).
+
+    With ``graph.skip_zero_loss``, a step whose whole loss is exactly 0 takes no optimiser
+    step (``zero_loss``), as both reference codes skip it.
     """
 
     def __init__(self, index: int, graph, num_classes: int, in_channels: int, optim, epochs: int,
@@ -64,6 +77,11 @@ class GraphNode:
         self.index = index
         self.model_name = graph.nodes[index].model
         self.frozen = graph.is_frozen(index)
+        self.frozen_bn = graph.frozen_bn
+        self.skip_zero_loss = graph.skip_zero_loss
+        self.progress_mode = graph.progress
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = epochs * steps_per_epoch
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(node_seed(seed, index))
             self.model = build_model(self.model_name, num_classes, in_channels)
@@ -85,25 +103,32 @@ class GraphNode:
         self.reduction = graph.reduction
         self.optimizer = self.scheduler = None
         if self.frozen:
-            self.model.eval()
+            self.model.train(self.frozen_bn == "train")
             self.model.requires_grad_(False)
         else:
             self.optimizer = torch.optim.SGD(
                 self.model.parameters(), lr=optim.lr, momentum=optim.momentum,
                 nesterov=optim.nesterov, weight_decay=optim.weight_decay,
             )
-            total = epochs * steps_per_epoch
             self.lr_schedule = LrSchedule(
-                optim.schedule, steps_per_epoch, total, tuple(optim.milestones), optim.gamma,
-                int(round(optim.warmup_epochs * steps_per_epoch)),
+                optim.schedule, steps_per_epoch, self.total_steps, tuple(optim.milestones), optim.gamma,
+                int(round(optim.warmup_epochs * steps_per_epoch)), optim.schedule_step == "epoch",
             )
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_schedule)
 
     # --- the step, in named parts -----------------------------------------------------------
 
+    def progress(self, step: int) -> float:
+        """What the gates see at the 1-based global step ``step`` (``gate_progress``): the
+        workers and the single-process reference both ask here."""
+        return gate_progress(step, self.steps_per_epoch, self.total_steps, self.progress_mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits in float32 (the forward itself runs under bf16 autocast when asked)."""
         if self.frozen:
+            # eval: stored statistics; train: batch statistics, running ones updated (evaluation
+            # switches the model to eval and back, so set the mode on every step)
+            self.model.train(self.frozen_bn == "train")
             with torch.no_grad():
                 return self._run(x)
         self.model.train()
@@ -157,14 +182,24 @@ class GraphNode:
         self.optimizer.step()
         self.scheduler.step()
 
+    def zero_loss(self, loss: torch.Tensor) -> bool:
+        """With ``graph.skip_zero_loss``: is this step's whole loss exactly 0 (its update is
+        then skipped)? Reads the loss (a host sync) only when the option is on."""
+        return self.skip_zero_loss and loss.item() == 0.0
+
     def update(self, loss: torch.Tensor) -> None:
-        """Backward and optimiser step (the step's part 5)."""
+        """Backward and optimiser step (the step's part 5), or, for a zero loss under
+        ``graph.skip_zero_loss``, the schedule's advance only."""
+        if self.zero_loss(loss):
+            self.skip_update()
+            return
         self.backward(loss)
         self.step()
 
     def skip_update(self) -> None:
-        """A skipped step (non-finite loss): no parameter update, but the schedule advances
-        so the run stays aligned with the other nodes."""
+        """A skipped step (non-finite loss, or a zero loss under ``graph.skip_zero_loss``):
+        no parameter update, but the schedule advances so the run stays aligned with the
+        other nodes."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 

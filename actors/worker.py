@@ -30,14 +30,14 @@ class BatchMaker:
     """Turns plan rows into the float batch a node trains on (same on every node)."""
 
     def __init__(self, split: Split, crop_pad: int, mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
-                 flip: bool = True, channels_last: bool = False):
+                 flip: bool = True, channels_last: bool = False, pad_mode: str = "reflect"):
         self.split, self.pad, self.mean, self.std = split, crop_pad, mean, std
-        self.flip, self.channels_last = flip, channels_last
+        self.flip, self.channels_last, self.pad_mode = flip, channels_last, pad_mode
 
     def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = rows[:, PERM]
         x = to_float(self.split.x[idx])
-        x = augment(x, rows[:, DY : DX + 1], rows[:, FLIP].bool() if self.flip else None, self.pad)
+        x = augment(x, rows[:, DY : DX + 1], rows[:, FLIP].bool() if self.flip else None, self.pad, self.pad_mode)
         if self.mean is not None:
             x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
         if self.channels_last:
@@ -50,7 +50,8 @@ def build_batch_maker(cfg, data: Dataset, device: torch.device) -> BatchMaker:
     if cfg.dataset.normalize:
         mean = torch.tensor(data.info.mean, device=device)
         std = torch.tensor(data.info.std, device=device)
-    return BatchMaker(data.train, cfg.dataset.crop_pad, mean, std, cfg.dataset.flip, cfg.train.channels_last)
+    return BatchMaker(data.train, cfg.dataset.crop_pad, mean, std, cfg.dataset.flip, cfg.train.channels_last,
+                      cfg.dataset.pad_mode)
 
 
 def build_batch_order(cfg, data: Dataset) -> BatchOrder:
@@ -206,13 +207,17 @@ class NodeWorker:
                     self._track_batches(got["batch"])
             self.step += 1
             if not node.frozen:
-                progress = self.step / self.total_steps
+                progress = node.progress(self.step)  # the one helper the reference uses too
                 loss, terms = node.loss(logits, got["logits"], y, progress)  # 4. loss
                 weights = node.gate_weights(got["logits"], y, progress)
                 tm.mark("loss")
                 if skip and not torch.isfinite(loss).item():  # host sync, only in skip mode
                     skipped += 1
                     node.skip_update()
+                elif node.zero_loss(loss):  # graph.skip_zero_loss: a loss of exactly 0 takes no step
+                    node.skip_update()
+                    edge_sum += terms
+                    weight_sum += weights
                 else:
                     if not skip:
                         finite = torch.isfinite(terms)

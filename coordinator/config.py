@@ -14,6 +14,8 @@ from coordinator.errors import ConfigError
 from coordinator.graph import GraphSpec
 
 SCHEDULES = ("multistep", "cosine", "constant")
+SCHEDULE_STEPS = ("iteration", "epoch")
+PAD_MODES = ("reflect", "zeros")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 LOGGERS = ("wandb", "none")
@@ -48,7 +50,10 @@ class DatasetConfig:
     split_seed: int = 0
     """Seed of the train/val split, independent of the run seed."""
     crop_pad: int = 4
-    """Reflect padding before the random crop back to the input size; 0 disables cropping."""
+    """Padding before the random crop back to the input size; 0 disables cropping."""
+    pad_mode: str = "reflect"
+    """How the crop's padding is filled: reflect (DCL) or zeros (black pixels, before any
+    normalisation: torchvision's ``RandomCrop(padding=4)``, the reimplementation)."""
     flip: bool = True
     """Random horizontal flips."""
     normalize: bool = False
@@ -61,6 +66,7 @@ class DatasetConfig:
         if not isinstance(self.val_fraction, (int, float)) or not 0 <= self.val_fraction < 1:
             raise ConfigError(f"dataset.val_fraction must be in [0, 1); got {self.val_fraction!r}")
         _positive(self.crop_pad, "dataset.crop_pad", allow_zero=True)
+        _choice(self.pad_mode, PAD_MODES, "dataset.pad_mode")
 
 
 @dataclass
@@ -72,7 +78,11 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     schedule: str = "multistep"
-    """multistep (x gamma at each milestone epoch), cosine (to 0 at the last step), constant."""
+    """multistep (x gamma at each milestone epoch), cosine (to 0 at the end), constant."""
+    schedule_step: str = "iteration"
+    """When the learning rate changes: every iteration (default), or once an epoch (the
+    value of the epoch's first step held through it: cosine then equals
+    ``CosineAnnealingLR(T_max=epochs)`` stepped once an epoch, as the reimplementation)."""
     milestones: list[int] = field(default_factory=lambda: [60, 120, 180])
     gamma: float = 0.1
     warmup_epochs: float = 0.0
@@ -84,6 +94,7 @@ class OptimConfig:
         _positive(self.weight_decay, "optim.weight_decay", integer=False, allow_zero=True)
         _positive(self.warmup_epochs, "optim.warmup_epochs", integer=False, allow_zero=True)
         _choice(self.schedule, SCHEDULES, "optim.schedule")
+        _choice(self.schedule_step, SCHEDULE_STEPS, "optim.schedule_step")
         self.milestones = list(self.milestones or [])
         if any(not isinstance(m, int) or m <= 0 for m in self.milestones) or self.milestones != sorted(self.milestones):
             raise ConfigError(f"optim.milestones must be increasing positive epochs; got {self.milestones!r}")

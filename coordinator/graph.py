@@ -1,10 +1,12 @@
 """The knowledge transfer graph: nodes, the M x M gate matrix, and its validation.
 
 ``gates[t][s]`` is the gate of the edge ``s -> t``: rows are the *receiving* node,
-columns the *sending* node (the layout of the tables in the paper and in method.md).
+columns the *sending* node (the layout of the tables in the paper and in docs/method.md).
 The diagonal ``gates[t][t]`` is the label edge: node t learns from the ground truth.
 A node whose whole row is Cutoff learns from nothing: it is a *frozen teacher*, loaded
-from a checkpoint and never updated. Node 0 is the target whose accuracy is reported and
+from a checkpoint and never updated; ``frozen_bn`` says whether its BatchNorm layers use
+their stored statistics (``eval``, the default) or each batch's, letting the stored ones
+drift (``train``, what both reference codes do). Node 0 is the target whose accuracy is reported and
 searched for; it may not be frozen.
 """
 from __future__ import annotations
@@ -14,12 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from actors.gates import GATES, is_cutoff
+from actors.gates import GATES, PROGRESS_MODES, is_cutoff
 from actors.losses import EDGE_LOSSES
 from actors.models import MODELS
 from coordinator.errors import ConfigError
 
 REDUCTIONS = ("sum", "mean")
+FROZEN_BN = ("eval", "train")
 
 
 @dataclass
@@ -45,8 +48,21 @@ class GraphSpec:
     loss: str = "kl"
     """Per-sample loss of the cross edges (``actors.losses.EDGE_LOSSES``)."""
     reduction: str = "sum"
-    """How a node combines its incoming edges: ``sum`` (DCL) or ``mean`` (label edge plus
-    the mean of the non-Cutoff cross edges, as the reimplementation)."""
+    """How a node combines its incoming edges: ``sum`` (DCL, and the reimplementation's
+    code that produced its published number) or ``mean`` (label edge plus the mean of the
+    non-Cutoff cross edges, as the reimplementation's 2024 commits)."""
+    frozen_bn: str = "eval"
+    """BatchNorm mode of frozen nodes: ``eval`` (running statistics of the checkpoint, never
+    changed) or ``train`` (batch statistics; the running statistics drift with the batches
+    and are part of the node's checkpoint; as DCL and the reimplementation ran teachers).
+    Either way a frozen node gets no gradient and is never stepped."""
+    progress: str = "iteration"
+    """How Linear/NegativeLinear count training progress: ``iteration`` (k / k_end, k the
+    1-based global iteration; DCL) or ``epoch`` (e / (E - 1), e the 0-based epoch; the
+    reimplementation). See ``actors.gates.gate_progress``."""
+    skip_zero_loss: bool = False
+    """Skip a node's optimiser step (no weight decay, no momentum) when its whole loss is
+    exactly 0, as both reference codes do; the learning-rate schedule still advances."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.nodes, list) or not self.nodes:
@@ -91,6 +107,12 @@ class GraphSpec:
             raise ConfigError(f"graph.loss: unknown edge loss {self.loss!r}; known: {', '.join(EDGE_LOSSES.names())}")
         if self.reduction not in REDUCTIONS:
             raise ConfigError(f"graph.reduction must be one of {', '.join(REDUCTIONS)}; got {self.reduction!r}")
+        if self.frozen_bn not in FROZEN_BN:
+            raise ConfigError(f"graph.frozen_bn must be one of {', '.join(FROZEN_BN)}; got {self.frozen_bn!r}")
+        if self.progress not in PROGRESS_MODES:
+            raise ConfigError(f"graph.progress must be one of {', '.join(PROGRESS_MODES)}; got {self.progress!r}")
+        if not isinstance(self.skip_zero_loss, bool):
+            raise ConfigError(f"graph.skip_zero_loss must be true or false; got {self.skip_zero_loss!r}")
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ConfigError(f"graph.temperature must be a number > 0; got {self.temperature!r}")
         self.temperature = float(self.temperature)
@@ -125,7 +147,7 @@ class GraphSpec:
     def from_dict(cls, data: dict[str, Any]) -> "GraphSpec":
         if not isinstance(data, dict):
             raise ConfigError(f"graph must be a mapping, got {type(data).__name__}")
-        allowed = {"name", "nodes", "gates", "temperature", "loss", "reduction"}
+        allowed = {"name", "nodes", "gates", "temperature", "loss", "reduction", "frozen_bn", "progress", "skip_zero_loss"}
         unknown = set(data) - allowed
         if unknown:
             raise ConfigError(f"graph has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -142,7 +164,14 @@ class GraphSpec:
 
     def describe(self) -> str:
         """A readable one-screen picture of the graph."""
-        lines = [f"graph {self.name!r}: {self.num_nodes} nodes, T={self.temperature:g}, reduction={self.reduction}"]
+        head = f"graph {self.name!r}: {self.num_nodes} nodes, T={self.temperature:g}, reduction={self.reduction}"
+        if self.progress != "iteration":
+            head += f", progress={self.progress}"
+        if any(self.is_frozen(t) for t in range(self.num_nodes)):
+            head += f", frozen_bn={self.frozen_bn}"
+        if self.skip_zero_loss:
+            head += ", skip_zero_loss"
+        lines = [head]
         for t, n in enumerate(self.nodes):
             role = "target" if t == 0 else ("frozen" if self.is_frozen(t) else "")
             inc = ", ".join(f"{'label' if s == t else s}:{g}" for s, g in self.incoming(t)) or "nothing"

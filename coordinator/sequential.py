@@ -47,8 +47,8 @@ class SequentialGroup:
         self.step_count += 1
         for n, z in zip(self.nodes, logits):
             if not n.frozen:
-                loss, _ = n.loss(z, all_logits, y, self.step_count / self.total_steps)
-                n.update(loss)
+                loss, _ = n.loss(z, all_logits, y, n.progress(self.step_count))
+                n.update(loss)  # skips the optimiser step of a zero loss under graph.skip_zero_loss
 
 
 def train_sequential(cfg, data: Dataset, max_steps: Optional[int] = None,

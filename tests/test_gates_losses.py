@@ -1,4 +1,4 @@
-"""Gates and edge losses against hand-computed values (method.md, 'The gates')."""
+"""Gates and edge losses against hand-computed values (docs/method.md, 'The gates')."""
 import math
 
 import pytest

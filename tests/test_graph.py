@@ -35,6 +35,9 @@ def test_valid_graph_and_its_structure():
         (dict(reduction="max"), r"graph.reduction must be one of sum, mean; got 'max'"),
         (dict(temperature=0), r"graph.temperature must be a number > 0"),
         (dict(loss="mse"), r"graph.loss: unknown edge loss 'mse'; known: kl"),
+        (dict(frozen_bn="fixed"), r"graph.frozen_bn must be one of eval, train; got 'fixed'"),
+        (dict(progress="step"), r"graph.progress must be one of iteration, epoch; got 'step'"),
+        (dict(skip_zero_loss="yes"), r"graph.skip_zero_loss must be true or false; got 'yes'"),
     ],
 )
 def test_bad_graphs_are_refused_with_the_field_named(kwargs, message):
@@ -43,7 +46,7 @@ def test_bad_graphs_are_refused_with_the_field_named(kwargs, message):
 
 
 def test_from_dict_refuses_unknown_keys():
-    with pytest.raises(ConfigError, match=r"unknown keys \['gate'\]; allowed: gates, loss, name, nodes, reduction, temperature"):
+    with pytest.raises(ConfigError, match=r"unknown keys \['gate'\]; allowed: frozen_bn, gates, loss, name, nodes, progress, reduction, skip_zero_loss, temperature"):
         GraphSpec.from_dict({"nodes": [{"model": "resnet32"}], "gate": [[T]]})
 
 

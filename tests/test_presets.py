@@ -32,7 +32,9 @@ EXPECTED = {
     "cifar100_slides3": ["resnet32", "resnet110", "resnet32"],
     "cifar100_slides4": ["resnet32", "wrn28_2", "wrn28_2", "resnet32"],
     "cifar100_ktg3": ["resnet32", "resnet32", "resnet110"],
+    "cifar100_ktg3_reimpl": ["resnet32", "resnet32", "resnet110"],
 }
+REIMPL = "cifar100_ktg3_reimpl"  # the reimplementation's recipe; every other preset follows DCL's
 SMOKE = ["dataset.download=false", "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4",
          "train.eval_batch_size=16", "logger=none"]
 
@@ -69,13 +71,27 @@ def test_preset_composes_to_the_paper_recipe(name, workdir):
     cfg, extra = compose_preset(name, workdir)
     assert [n.model for n in cfg.graph.nodes] == EXPECTED[name]
     assert cfg.dataset.name == "cifar100" and cfg.dataset.val_fraction == 0  # train on all 50k, report test
-    assert (cfg.dataset.crop_pad, cfg.dataset.flip, cfg.dataset.normalize) == (4, True, False)
-    o = cfg.optim
-    assert (o.lr, o.momentum, o.nesterov, o.weight_decay, o.schedule, o.milestones, o.gamma) == \
-        (0.1, 0.9, True, 5e-4, "multistep", [60, 120, 180], 0.1)
+    o, g = cfg.optim, cfg.graph
+    assert (o.lr, o.momentum, o.nesterov, o.weight_decay) == (0.1, 0.9, True, 5e-4)
     assert cfg.train.epochs == 200
     assert cfg.train.batch_size == (128 if name == "cifar100_teacher" else 64)
-    assert cfg.train.precision == "fp32"
+    assert g.reduction == "sum"  # DCL, and the reimplementation's code behind 73.54, sum the edges
+    if name == REIMPL:
+        assert (cfg.dataset.crop_pad, cfg.dataset.pad_mode, cfg.dataset.flip, cfg.dataset.normalize) == \
+            (4, "zeros", True, True)
+        assert (o.schedule, o.schedule_step, o.milestones, o.warmup_epochs) == ("cosine", "epoch", [], 0)
+        assert cfg.train.precision == "bf16"
+        assert (g.progress, g.skip_zero_loss) == ("epoch", True)
+    else:
+        assert (cfg.dataset.crop_pad, cfg.dataset.pad_mode, cfg.dataset.flip, cfg.dataset.normalize) == \
+            (4, "reflect", True, False)
+        assert (o.schedule, o.schedule_step, o.milestones, o.gamma) == ("multistep", "iteration", [60, 120, 180], 0.1)
+        assert cfg.train.precision == "fp32"
+        assert (g.progress, g.skip_zero_loss) == ("iteration", False)
+    # frozen nodes as the code behind the published numbers ran them: BatchNorm in train mode
+    if name in ("cifar100_kd", "cifar100_slides3", "cifar100_slides4", REIMPL) or \
+            any(g.is_frozen(i) for i in range(g.num_nodes)):
+        assert g.frozen_bn == "train"
     if name == "cifar100_kd":
         assert cfg.graph.temperature == 2.0 and cfg.graph.is_frozen(1)
         assert cfg.graph.nodes[1].checkpoint == str(workdir / "teachers/cifar100/resnet110/node0.pt")
@@ -85,6 +101,24 @@ def test_preset_composes_to_the_paper_recipe(name, workdir):
         assert extra["run_dir"] == "teachers/cifar100/resnet110"  # where kd looks for it
     else:
         assert extra["run_dir"] == f"runs/cifar100/{name.split('_', 1)[1]}/seed0"
+
+
+def test_ktg3_sums_its_edges_and_keeps_mean_as_an_option(workdir):
+    cfg, _ = compose_preset("cifar100_ktg3", workdir)
+    assert cfg.graph.reduction == "sum"
+    cfg, _ = compose_preset("cifar100_ktg3", workdir, "graph.reduction=mean")
+    assert cfg.graph.reduction == "mean"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        plain = compose("config", overrides=["graph=ktg3"])
+    assert plain.graph.reduction == "sum" and plain.graph.progress == "iteration"
+
+
+def test_new_graphs_keep_eval_mode_for_frozen_nodes(workdir):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        assert compose("config", overrides=["graph=kd"]).graph.frozen_bn == "train"  # the published KD
+        assert compose("config", overrides=["graph=independent"]).graph.get("frozen_bn", "eval") == "eval"
+    from coordinator.graph import GraphSpec
+    assert GraphSpec(nodes=["convnet"], gates=[["Through"]]).frozen_bn == "eval"
 
 
 @pytest.mark.parametrize("name", PRESETS)
