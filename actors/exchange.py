@@ -11,6 +11,17 @@ graph nodes; NCCL with one GPU per rank, gloo on CPU: the same code) and returns
   received tensors carry no gradient.
 - ``broadcast`` (the coordinator's batch plan, from rank 0), ``gather_objects``
   (per-epoch metrics), ``barrier``.
+
+Faults. A group that does not form in time raises ``RendezvousTimeoutError`` (which rank
+waited where, and for whom when the store can tell). Once formed, every rank beats a counter
+in the group's store once a second (a daemon thread; nothing on the step's path). A
+collective that fails (gloo: after ``dist_timeout_s`` when a peer hangs or is stopped, at
+once when a peer dies) raises ``GroupTimeoutError`` / ``CollectiveError`` after watching the
+beats for a window of ``min(10, max(3, dist_timeout_s / 10))`` s; the message names the
+rank(s) whose beat stood still: the one(s) that did not answer. Every diagnostic store call
+is bounded: the store may live in the very process that stopped (rank 0 under ``tcp://``;
+then that rank is named because its store did not answer either). The rank serving the
+store stays up to one more window, until the other survivors have read it.
 """
 from __future__ import annotations
 
@@ -18,11 +29,35 @@ import datetime
 import math
 import os
 import socket
-from dataclasses import dataclass
-from typing import Any, Optional
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+class RendezvousTimeoutError(RuntimeError):
+    """The process group did not form in time: a rank (or the store) never showed up."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective of the group failed. The message names the rank(s) that stopped
+    answering, when that can be told; the backend's own error is the ``__cause__``."""
+
+
+class GroupTimeoutError(CollectiveError):
+    """A collective did not complete within ``dist_timeout_s`` (a rank hangs, is stopped,
+    or is cut off)."""
+
+
+BEAT_S = 1.0
+"""Heartbeat period of every rank of a group (a counter in the group's store)."""
+STORE_ANSWER_S = 2.0
+"""How long a diagnostic store call may take beyond its own waiting before the store
+itself counts as not answering."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +67,13 @@ class DistEnv:
     local_rank: int
     device: torch.device
     backend: str
+    timeout_s: float = 300.0
+    """The collective timeout the group was started with (``dist_timeout_s``)."""
+    store: Any = field(default=None, repr=False, compare=False)
+    """The group's (per-attempt prefixed) store; None: no diagnosis of failed collectives."""
+    store_host: int | None = None
+    """The rank whose process serves ``store`` (rank 0 for ``tcp://``, and for ``env://``
+    without torchrun's agent store); None when no rank does (torchrun's agent, a file)."""
 
 
 def free_port() -> int:
@@ -61,9 +103,18 @@ def init_distributed(
     device: str = "auto",
     backend: str = "auto",
     timeout_s: float = 300.0,
+    rendezvous_timeout_s: float | None = None,
 ) -> DistEnv:
     """Start this process's membership of the group. ``init_method`` is e.g.
-    ``env://`` (torchrun) or ``tcp://host:port`` (Ray actors)."""
+    ``env://`` (torchrun) or ``tcp://host:port`` (Ray actors, ``run_local``).
+
+    ``timeout_s`` (``dist_timeout_s``) bounds every collective. ``rendezvous_timeout_s``
+    (default: ``timeout_s``) bounds forming the group: reaching the store and every rank
+    checking in there. The default is that long, not shorter, because every rank loads (and
+    may download) its data before it joins, so one may arrive minutes after another. A group
+    that does not form in time raises ``RendezvousTimeoutError``, one line: this rank, where
+    it waited, and the ranks that never checked in when the store can tell. Other failures
+    of the rendezvous (e.g. the port is taken) are raised as torch reports them."""
     dev = resolve_device(device, local_rank)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -72,13 +123,171 @@ def init_distributed(
         torch.cuda.set_device(dev)  # before init: NCCL binds this rank to its own GPU
         kwargs["device_id"] = dev
     timeout = datetime.timedelta(seconds=timeout_s)
+    rdv_s = timeout_s if rendezvous_timeout_s is None else rendezvous_timeout_s
+    t0 = time.monotonic()
+
+    def not_formed(e: BaseException | None, missing: list[int] | None = None) -> BaseException:
+        if e is not None and time.monotonic() - t0 < 0.9 * rdv_s:
+            return e  # not a timeout: raised as it is
+        whom = f" for {_who(missing)}, which never checked in" if missing else ""
+        return RendezvousTimeoutError(
+            f"the process group did not form within {rdv_s:g} s: rank {rank} of {world_size} waited at "
+            f"{_where(init_method)}{whom}; are all {world_size} processes started, and is that address "
+            "reachable from each?")
+
+    def rendezvous() -> Any:
+        return next(dist.rendezvous(init_method, rank, world_size, timeout=datetime.timedelta(seconds=rdv_s)))
+
+    if _store_host(init_method) == rank:
+        # This process serves the store: waiting for the clients, it keeps to the timeout
+        # (and a thread left inside the server's start would abort the process at exit).
+        try:
+            got = rendezvous()
+        except RuntimeError as e:
+            got = e
+    else:
+        # A client, bounded in a thread: with no server there it retries past its timeout
+        # (about 2.5 times it); with the server's process stopped it may wait for good.
+        got = _bounded(rendezvous, rdv_s + 0.5)
+    if got is _NO_ANSWER:
+        raise not_formed(None)
+    if isinstance(got, BaseException):  # DistStoreError (rank 0 waited for clients), DistNetworkError, ...
+        raise not_formed(got) from got
+    store, rank, world_size = got
     # Under torchrun the store outlives a restart of the workers (--max-restarts): keys of
     # the failed attempt (e.g. gloo's peer addresses) would be read by the new one and its
     # connections refused. A prefix per attempt keeps each attempt's keys apart.
-    store, rank, world_size = next(dist.rendezvous(init_method, rank, world_size, timeout=timeout))
     store = dist.PrefixStore(f"ktg/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    # Check in (the first heartbeat) and wait, bounded, for every rank to: then the backend's
+    # own connecting (bounded by the collective timeout only) finds every peer there.
+    beats = [_beat_key(r) for r in range(world_size)]
+    left_s = max(rdv_s - (time.monotonic() - t0), 0.1)
+
+    def check_in() -> None:
+        store.add(beats[rank], 1)
+        store.wait(beats, datetime.timedelta(seconds=left_s))
+
+    got = _bounded(check_in, left_s + STORE_ANSWER_S)  # the store's process may be stopped
+    if got is _NO_ANSWER:
+        raise not_formed(None)
+    if isinstance(got, BaseException):
+        def absent() -> list[int]:
+            return [r for r in range(world_size) if not store.check([beats[r]])]
+        missing = _bounded(absent, STORE_ANSWER_S)
+        raise not_formed(got, missing if isinstance(missing, list) else None) from got
+    store.set_timeout(timeout)
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
+    env = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend,
+                  timeout_s=timeout_s, store=store, store_host=_store_host(init_method))
+    if world_size > 1:
+        _start_heartbeat(store, beats[rank])
+    return env
+
+
+def _where(init_method: str) -> str:
+    if init_method.startswith("env://"):
+        return f"env:// (MASTER_ADDR:MASTER_PORT = {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})"
+    return init_method
+
+
+def _store_host(init_method: str) -> int | None:
+    """Which rank's process serves the store ``dist.rendezvous`` returned (see torch's
+    ``rendezvous._create_c10d_store``)."""
+    if init_method.startswith("tcp://"):
+        return 0
+    if init_method.startswith("env://"):
+        return None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True) else 0
+    return None
+
+
+def _who(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+def _beat_key(rank: int) -> str:
+    return f"beat/{rank}"
+
+
+_NO_ANSWER = object()
+
+
+def _bounded(fn: Callable[[], Any], timeout_s: float) -> Any:
+    """``fn()`` in a daemon thread: its result, the exception it raised, or ``_NO_ANSWER``
+    if it did not return within ``timeout_s`` (a store call to a stopped process blocks for
+    good, whatever the store's timeout says; the thread is left behind)."""
+    box: list[Any] = [_NO_ANSWER]
+
+    def run() -> None:
+        try:
+            box[0] = fn()
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            box[0] = e
+
+    t = threading.Thread(target=run, name="ktg-diagnosis", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return box[0]
+
+
+_heartbeat_stop: threading.Event | None = None
+
+
+def _start_heartbeat(store: Any, key: str) -> None:
+    global _heartbeat_stop
+    _stop_heartbeat()  # of an earlier group of this process
+    stop = _heartbeat_stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(BEAT_S):
+            try:
+                store.add(key, 1)
+            except Exception:  # noqa: BLE001 - the store is gone: the group is ending anyway
+                return
+
+    threading.Thread(target=beat, name="ktg-heartbeat", daemon=True).start()
+
+
+def _stop_heartbeat() -> None:
+    global _heartbeat_stop
+    if _heartbeat_stop is not None:
+        _heartbeat_stop.set()
+        _heartbeat_stop = None
+
+
+def _silent_ranks(env: DistEnv, window_s: float) -> Any:
+    """This rank says in the store that it failed, then watches the others' heartbeats for
+    ``window_s``: the other ranks whose beat did not move and that did not say they failed
+    (sorted list), or what kept that from being told: ``_NO_ANSWER`` (the store did not
+    answer) or the exception the store raised."""
+    store, others = env.store, [r for r in range(env.world_size) if r != env.rank]
+
+    def read() -> list[int]:
+        store.add(_failed_key(env.rank), 1)  # a survivor that fails and exits is not blamed
+        before = {r: store.add(_beat_key(r), 0) for r in others}
+        time.sleep(window_s)
+        silent = [r for r in others if store.add(_beat_key(r), 0) == before[r] and not store.add(_failed_key(r), 0)]
+        store.add(_done_key(env.rank), 1)
+        return silent
+
+    silent = _bounded(read, window_s + STORE_ANSWER_S)
+    if isinstance(silent, list) and env.store_host == env.rank:
+        # This process serves the store: it stays until the other survivors, which may have
+        # failed later, have read it too (bounded: one more window).
+        def linger() -> None:
+            deadline = time.monotonic() + window_s + STORE_ANSWER_S
+            while time.monotonic() < deadline and not all(store.add(_done_key(r), 0) for r in others if r not in silent):
+                time.sleep(0.05)
+
+        _bounded(linger, window_s + 2 * STORE_ANSWER_S)
+    return silent
+
+
+def _failed_key(rank: int) -> str:
+    return f"failed/{rank}"
+
+
+def _done_key(rank: int) -> str:
+    return f"diagnosed/{rank}"
 
 
 def env_from_torchrun() -> tuple[int, int, int]:
@@ -92,6 +301,7 @@ def env_from_torchrun() -> tuple[int, int, int]:
 
 
 def shutdown() -> None:
+    _stop_heartbeat()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -159,24 +369,67 @@ class Exchange:
         for (off, size), t in zip(plan.spans, tensors.values()):
             plan.send[off : off + size].copy_(t.detach().reshape(-1).view(torch.uint8))
         if self.world_size > 1:
-            _all_gather_flat(plan.recv_flat, plan.send)
+            try:
+                _all_gather_flat(plan.recv_flat, plan.send)
+            except RuntimeError as e:
+                raise self._failed("all_gather", e) from e
         return dict(plan.views)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """In-place broadcast from ``src``; other ranks pass a buffer of the same shape."""
-        dist.broadcast(tensor, src=src)
+        try:
+            dist.broadcast(tensor, src=src)
+        except RuntimeError as e:
+            raise self._failed("broadcast", e) from e
         return tensor
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's picklable ``obj``, in rank order (on every rank)."""
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        try:
+            dist.all_gather_object(out, obj)
+        except RuntimeError as e:
+            raise self._failed("gather_objects", e) from e
         return out
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         box = [obj]
-        dist.broadcast_object_list(box, src=src)
+        try:
+            dist.broadcast_object_list(box, src=src)
+        except RuntimeError as e:
+            raise self._failed("broadcast_object", e) from e
         return box[0]
 
     def barrier(self) -> None:
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError as e:
+            raise self._failed("barrier", e) from e
+
+    def _failed(self, op: str, e: RuntimeError) -> RuntimeError:
+        """The error to raise for collective ``op`` that failed with ``e``: which ranks
+        stopped answering, told from their heartbeats (this takes a few seconds)."""
+        if isinstance(e, CollectiveError):
+            return e
+        env = self.env
+        text = str(e).lower()
+        timed_out = "timed out" in text or "timeout" in text  # gloo: "Timed out waiting 5000ms for recv ..."
+        what = (f"{op} timed out after {env.timeout_s:g} s" if timed_out else f"{op} failed") \
+            + f" on rank {env.rank} of {env.world_size}"
+        window = min(10.0, max(3 * BEAT_S, env.timeout_s / 10))
+        silent = _silent_ranks(env, window) if env.store is not None else None
+        if silent is None:
+            why = "which rank did not answer is unknown (no store to ask)"
+        elif isinstance(silent, list) and silent:
+            why = f"{_who(silent)} did not answer (no heartbeat for {window:g} s: stopped, hung, dead or cut off)"
+        elif isinstance(silent, list):
+            why = ("every rank still answers (a rank may be stuck in a loop or far behind)" if timed_out
+                   else "every rank still answers: no rank was lost (see the error above)")
+        elif silent is _NO_ANSWER and env.store_host is not None and env.store_host != env.rank:
+            why = (f"rank {env.store_host} did not answer (nor did the group's store, which rank {env.store_host} "
+                   f"serves, within {window + STORE_ANSWER_S:g} s: stopped, hung or cut off)")
+        elif silent is _NO_ANSWER:
+            why = f"which rank did not answer is unknown (the group's store did not answer within {window + STORE_ANSWER_S:g} s)"
+        else:
+            why = f"which rank did not answer is unknown (the group's store failed: {type(silent).__name__})"
+        return (GroupTimeoutError if timed_out else CollectiveError)(f"{what}: {why}; the group stops")

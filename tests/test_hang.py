@@ -1,0 +1,234 @@
+"""Hangs: a node that stops answering (SIGSTOP) ends its group within ``dist_timeout_s``
+(plus a few seconds of diagnosis), and every survivor's error names the rank that stopped;
+a group that never forms gives up in bounded time with a message saying who waited where."""
+import datetime
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import small_config
+
+T = "Through"
+WINDOW_S = 3.0  # the heartbeat window of the diagnosis for timeouts under 30 s
+STORE_S = 2.0  # how long the diagnosis waits beyond it for a store that does not answer
+
+
+def _stopped(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+def _gone(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+def _release(pid):
+    """Leave nothing behind: a stopped process is killed (SIGKILL works on a stopped one)."""
+    for sig in (signal.SIGKILL, signal.SIGCONT):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def loop_child(rank, world, port, timeout_s, slow_rank, results):
+    """Steps like a node: all_gathers, and every few steps a gather_objects that
+    ``slow_rank`` reaches 2 s late (a node slower to evaluate). Reports its pid, its error
+    and when (CLOCK_MONOTONIC, shared by the processes of this machine), and that it got
+    through ``shutdown``."""
+    from actors.exchange import Exchange, init_distributed, shutdown
+
+    torch.set_num_threads(1)
+    try:
+        env = init_distributed(rank, world, rank, f"tcp://127.0.0.1:{port}", "cpu", "gloo", timeout_s)
+        ex = Exchange(env)
+        results.put((rank, "pid", os.getpid()))
+        try:
+            step = 0
+            while True:
+                ex.all_gather({"x": torch.full((8,), float(rank))})
+                step += 1
+                if step % 20 == 0:
+                    if rank == slow_rank:
+                        time.sleep(2.0)
+                    ex.gather_objects(step)
+                time.sleep(0.005)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            results.put((rank, "error", f"{type(e).__name__}: {e}", time.monotonic()))
+        finally:
+            shutdown()
+        results.put((rank, "shut down", None, time.monotonic()))
+    except BaseException:  # noqa: BLE001 - reported to the test
+        results.put((rank, "error", traceback.format_exc(), time.monotonic()))
+
+
+def _run_group_and_stop(world, stop, timeout_s, slow_rank=-1, sig=signal.SIGSTOP, settle_s=1.5):
+    """Start ``world`` loop_child processes; once all run, send rank ``stop`` ``sig``.
+    Returns {survivor rank: (its error, seconds from the signal to the error)}, after
+    checking that every survivor got through ``shutdown`` (so it can end)."""
+    from actors.exchange import free_port
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=loop_child, args=(r, world, port, timeout_s, slow_rank, q), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    pids = {}
+    try:
+        while len(pids) < world:
+            rank, kind, *rest = q.get(timeout=60)
+            assert kind == "pid", rest
+            pids[rank] = rest[0]
+        time.sleep(settle_s)  # a few collectives, and a gather_objects with its late rank
+        os.kill(pids[stop], sig)
+        signalled_at = time.monotonic()
+        errors, shut = {}, set()
+        while len(shut) < world - 1:
+            rank, kind, msg, at = q.get(timeout=timeout_s + 30)
+            if kind == "error":
+                errors[rank] = (msg, at - signalled_at)
+            else:
+                shut.add(rank)
+        if sig == signal.SIGSTOP:
+            assert _stopped(pids[stop])  # stopped all along: the survivors ended on their own
+        return errors
+    finally:
+        for p in procs:
+            _release(p.pid)
+            p.join(timeout=10)
+
+
+def test_stopped_rank_is_named_by_every_survivor():
+    """3 ranks, rank 1 stopped: ranks 0 and 2 raise GroupTimeoutError within the timeout
+    plus the diagnosis, naming rank 1 only; rank 2, 2 s late at every gather_objects, is
+    not blamed."""
+    timeout_s = 4.0
+    errors = _run_group_and_stop(3, 1, timeout_s, slow_rank=2)
+    assert sorted(errors) == [0, 2]
+    for rank, (msg, after) in errors.items():
+        assert re.match(rf"GroupTimeoutError: (all_gather|gather_objects) timed out after 4 s on rank {rank} of 3: "
+                        r"rank 1 did not answer \(no heartbeat", msg), msg
+        # the timeout, up to 2 s late arrival of rank 2, the diagnosis window, margin
+        assert after < timeout_s + 2.0 + WINDOW_S + 3.0, (rank, after, msg)
+
+
+def test_stopped_store_host_is_named():
+    """Under tcp:// rank 0 serves the group's store: stopped, it answers neither the
+    collective nor the store. The survivors still end in bounded time and name it."""
+    timeout_s = 4.0
+    errors = _run_group_and_stop(3, 0, timeout_s)
+    assert sorted(errors) == [1, 2]
+    for rank, (msg, after) in errors.items():
+        assert re.match(rf"GroupTimeoutError: \w+ timed out after 4 s on rank {rank} of 3: rank 0 did not answer "
+                        r"\(nor did the group's store", msg), msg
+        assert after < timeout_s + WINDOW_S + STORE_S + 3.0, (rank, after, msg)
+
+
+def _run_local_children(world):
+    """The processes of the running ``run_local`` call: rank -> pid. It starts them in rank
+    order (and ``Process.start`` drops its target and arguments), so creation order tells."""
+    kids = sorted(mp.active_children(), key=lambda p: p._identity)
+    return {r: p.pid for r, p in enumerate(kids)} if len(kids) == world else {}
+
+
+def test_stopped_node_ends_the_run_naming_it(tmp_path):
+    """A 2-node run under run_local, dist_timeout_s=5: node 1 is SIGSTOPped mid-training.
+    Node 0 ends within the timeout plus the diagnosis, and the run's error names node 1."""
+    from coordinator.local import run_local
+
+    timeout_s = 5.0
+    cfg = small_config(["convnet", "convnet"], [[T, T], [T, T]],
+                       train={"epochs": 50, "batch_size": 32, "num_threads": 1}, dist_timeout_s=timeout_s)
+    seen = {}
+
+    def stopper():
+        t0 = time.time()
+        while time.time() - t0 < 60 and len(seen.get("pids", {})) < 2:
+            seen["pids"] = _run_local_children(2)
+            time.sleep(0.05)
+        metrics = tmp_path / "metrics.jsonl"
+        while time.time() - t0 < 60:  # epoch 1 recorded: training is under way
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        os.kill(seen["pids"][1], signal.SIGSTOP)
+        seen["stopped_at"] = time.monotonic()
+        while time.time() - t0 < 90 and not _gone(seen["pids"][0]):
+            time.sleep(0.05)
+        seen["rank0_gone_at"] = time.monotonic()
+
+    watcher = threading.Thread(target=stopper, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(RuntimeError) as info:
+            run_local(cfg, tmp_path, timeout_s=120)
+        watcher.join(timeout=30)
+    finally:
+        for pid in seen.get("pids", {}).values():
+            _release(pid)
+    msg = str(info.value)
+    assert "stopped_at" in seen, msg
+    assert re.search(r"GroupTimeoutError: \w+ timed out after 5 s on rank 0 of 2: rank 1 did not answer", msg), msg
+    ended = seen["rank0_gone_at"] - seen["stopped_at"]
+    assert ended < timeout_s + 10.0, f"node 0 ended {ended:.1f} s after node 1 stopped"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert 2 <= len(rows) < 2 * 50  # it did stop mid-run
+
+
+def test_rank_alone_at_a_tcp_rendezvous_gives_up():
+    """World size 2, only rank 0 started (it serves the store): it gives up within the
+    bound with a one-line message saying which rank waited where."""
+    from actors.exchange import free_port, init_distributed
+
+    port = free_port()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        init_distributed(0, 2, 0, f"tcp://127.0.0.1:{port}", "cpu", "gloo", 3.0)
+    took = time.monotonic() - t0
+    assert type(info.value).__name__ == "RendezvousTimeoutError", repr(info.value)
+    msg = str(info.value)
+    assert re.match(rf"the process group did not form within 3 s: rank 0 of 2 waited at tcp://127\.0\.0\.1:{port}; "
+                    r"are all 2 processes started", msg), msg
+    assert "\n" not in msg
+    assert took < 3.0 + 3.0, took
+
+
+def test_rank_whose_peer_never_comes_names_it(monkeypatch):
+    """Under torchrun the agent serves the store (env://): rank 1 reaches it at once but
+    rank 0 never checks in. Rank 1 gives up within the rendezvous bound (not the collective
+    timeout) and names rank 0."""
+    import torch.distributed as dist
+
+    from actors.exchange import free_port, init_distributed
+
+    port = free_port()
+    agent = dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        init_distributed(1, 2, 1, "env://", "cpu", "gloo", 60.0, rendezvous_timeout_s=2.0)
+    took = time.monotonic() - t0
+    del agent
+    assert type(info.value).__name__ == "RendezvousTimeoutError", repr(info.value)
+    msg = str(info.value)
+    assert re.match(rf"the process group did not form within 2 s: rank 1 of 2 waited at env:// "
+                    rf"\(MASTER_ADDR:MASTER_PORT = 127\.0\.0\.1:{port}\) for rank 0, which never checked in; ", msg), msg
+    assert took < 2.0 + 3.0, took
