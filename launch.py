@@ -13,8 +13,11 @@ there, gloo on CPU. Outputs go to hydra's run dir (``runs/...``, or ``hydra.run.
 from __future__ import annotations
 
 import os
-import sys
-import time
+
+LAUNCHER = os.getppid()  # torchrun's agent: read before the seconds of imports (actors.lifeline)
+
+import sys  # noqa: E402
+import time  # noqa: E402
 from typing import Any, Optional
 
 import hydra
@@ -109,7 +112,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Optional[dict[str, 
         container.pop("hydra", None)
         container["overrides"] = list(hc.overrides.task)  # the command line, kept in run_config.json
     # under torchrun, a worker whose agent is killed ends itself (it lives in its own session)
-    watch = "TORCHELASTIC_RUN_ID" in os.environ
+    watch = LAUNCHER if "TORCHELASTIC_RUN_ID" in os.environ else None
     return run_node(spec, run_dir, rank, world_size, local_rank, config_dict=container, watch_parent=watch)
 
 

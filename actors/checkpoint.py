@@ -5,25 +5,27 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 from pathlib import Path
-from typing import IO, Any, Callable, Optional
+from typing import IO, Any, Callable
 
 import torch
 
-_umask: Optional[int] = None
-_umask_lock = threading.Lock()
+def _read_umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status); elsewhere
+    set and restored at once, here at import, before any thread of ours runs."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _file_mode() -> int:
     """0666 less the process's umask: what ``open(path, "w")`` would give. ``mkstemp``
     creates 0600 files, which would hide checkpoints from the user's group."""
-    global _umask
-    with _umask_lock:
-        if _umask is None:
-            _umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-            os.umask(_umask)
-    return 0o666 & ~_umask
+    return 0o666 & ~_read_umask()
 
 
 def _atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> None:

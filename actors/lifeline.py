@@ -19,16 +19,24 @@ import threading
 import time
 
 
-def exit_with_parent(interval_s: float = 0.5, who: str = "node") -> threading.Thread:
-    parent = os.getppid()
+def exit_with_parent(parent: int, interval_s: float = 0.5, who: str = "node") -> threading.Thread:
+    """``parent``: the launcher's pid, read when this process started (``os.getppid()`` at
+    import of the entry module): a launcher killed during the seconds of start-up is caught
+    too, at once."""
+
+    def gone() -> None:
+        print(f"[ktg] {who} (pid {os.getpid()}): its launcher (pid {parent}) is gone; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        gone()
 
     def watch() -> None:
         while True:
             time.sleep(interval_s)
             if os.getppid() != parent:
-                print(f"[ktg] {who} (pid {os.getpid()}): its launcher (pid {parent}) is gone; exiting",
-                      file=sys.stderr, flush=True)
-                os._exit(1)
+                gone()
 
     thread = threading.Thread(target=watch, name="ktg-lifeline", daemon=True)
     thread.start()

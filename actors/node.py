@@ -6,6 +6,7 @@ drive nodes through these same methods.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -201,7 +202,9 @@ class GraphNode:
         no parameter update, but the schedule advances so the run stays aligned with the
         other nodes."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # skipping the optimiser step is the point here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
 
     # --- state --------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ under torchrun; useful from notebooks and tests.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_mod
 import time
 import traceback
@@ -20,7 +21,7 @@ from coordinator.errors import ConfigError
 from coordinator.preflight import check_world_size
 
 
-def _child(cfg: RunConfig, run_dir: str, rank: int, world_size: int, port: int, results) -> None:
+def _child(cfg: RunConfig, run_dir: str, rank: int, world_size: int, port: int, results, caller: int) -> None:
     import logging
 
     from coordinator.run import run_node
@@ -29,7 +30,7 @@ def _child(cfg: RunConfig, run_dir: str, rank: int, world_size: int, port: int, 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         summary = run_node(cfg, run_dir, rank, world_size, rank, init_method=f"tcp://127.0.0.1:{port}",
-                           watch_parent=True)
+                           watch_parent=caller)
         results.put((rank, "ok", summary))
     except BaseException as e:  # report, then exit non-zero
         results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -45,7 +46,7 @@ def run_local(cfg: RunConfig, run_dir: str | Path, timeout_s: Optional[float] = 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(cfg, str(run_dir), r, m, port, results), daemon=True) for r in range(m)]
+    procs = [ctx.Process(target=_child, args=(cfg, str(run_dir), r, m, port, results, os.getpid()), daemon=True) for r in range(m)]
     for p in procs:
         p.start()
     outcomes: dict[int, tuple[str, Any]] = {}

@@ -50,7 +50,7 @@ class RunRecorder:
         self.run_dir = run_dir
         self.history: list[list[dict[str, Any]]] = list(history or [])
         self.t0 = time.perf_counter()
-        self.train_time = sum(max(r["train_time_s"] for r in rows) for rows in self.history)
+        self.train_time = sum(max(r.get("train_time_s", 0.0) for r in rows) for rows in self.history)
         self.wandb = None
         if cfg.logger.backend == "wandb":
             import wandb

@@ -25,11 +25,12 @@ log = logging.getLogger("ktg")
 
 def run_node(cfg: RunConfig, run_dir: str | Path, rank: int, world_size: int, local_rank: int,
              init_method: str = "env://", config_dict: Optional[dict[str, Any]] = None,
-             watch_parent: bool = False) -> Optional[dict[str, Any]]:
+             watch_parent: Optional[int] = None) -> Optional[dict[str, Any]]:
     """Run graph node ``rank`` to the end. Returns the run summary on rank 0, else None.
-    ``watch_parent``: end this process as soon as its launcher dies (torchrun, run_local)."""
-    if watch_parent:
-        exit_with_parent(who=f"rank {rank}")
+    ``watch_parent``: the launcher's pid (torchrun's agent, the run_local caller), read as
+    early as the process could: end this process as soon as that launcher is gone."""
+    if watch_parent is not None:
+        exit_with_parent(watch_parent, who=f"rank {rank}")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     rd = RunDir(run_dir)
@@ -64,9 +65,9 @@ def run_node(cfg: RunConfig, run_dir: str | Path, rank: int, world_size: int, lo
                     worker.save_group_checkpoint()
                 rows = exchange.gather_objects(metrics)  # also the barrier: every node has saved
                 if recorder is not None:
+                    recorder.log_epoch(rows)  # rows first: a crash before the marker moves leaves rows a resume trims
                     if due:
                         rd.mark_complete(epoch + 1, world_size, cfg.train.keep_checkpoints)
-                    recorder.log_epoch(rows)
             worker.save_checkpoint()
             summary = recorder.finish(worker.steps_per_epoch) if recorder is not None else None
             exchange.barrier()

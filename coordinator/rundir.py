@@ -46,7 +46,8 @@ REPLACED = "replaced"
 OUTPUTS = (CONFIG, STATE, METRICS, SUMMARY, "checkpoints", "wandb", "pictures")
 # settings a resumed run must share with the run that wrote the checkpoints (train.epochs
 # may change: that extends the run)
-KEPT = (("seed",), ("graph",), ("dataset",), ("optim",), ("train", "batch_size"), ("train", "max_steps_per_epoch"))
+KEPT = (("seed",), ("graph",), ("dataset",), ("optim",), ("train", "batch_size"), ("train", "max_steps_per_epoch"),
+        ("train", "precision"))
 START_OVER = "start over with train.resume=false (the old outputs are moved to replaced/), or use a new hydra.run.dir"
 
 
@@ -130,9 +131,10 @@ class RunDir:
         names = [n for n in OUTPUTS if (self.path / n).exists()]
         return names + sorted(p.name for p in self.path.glob("node*.pt"))
 
-    def set_aside(self) -> Optional[Path]:
-        """Move every output of an earlier run into ``replaced/<time>/`` (nothing is deleted)."""
-        names = self.outputs()
+    def set_aside(self, paths: Optional[list[Path]] = None) -> Optional[Path]:
+        """Move ``paths`` (default: every output of an earlier run) into ``replaced/<time>/``,
+        keeping their place in the directory (nothing is deleted)."""
+        names = [str(p.relative_to(self.path)) for p in paths] if paths is not None else self.outputs()
         if not names:
             return None
         dest = self.path / REPLACED / _now().replace(":", "-")
@@ -140,8 +142,8 @@ class RunDir:
         while dest.exists():
             n += 1
             dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
-        dest.mkdir(parents=True)
         for name in names:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.path / name, dest / name)
         return dest
 
@@ -221,7 +223,8 @@ class RunDir:
             state = load_state(path)
         except Exception as e:  # any failure to load is a damaged file here; reported by name
             return None, f"{path} does not load ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
-        if not isinstance(state, dict) or not {"model", "step", "epoch", "meta"} <= set(state):
+        if not isinstance(state, dict) or not {"model", "step", "epoch", "meta"} <= set(state) \
+                or not isinstance(state["meta"], dict):
             return None, f"{path} is not a node checkpoint"
         if int(state["epoch"]) != epoch:
             return None, f"{path} holds epoch {state['epoch']}, not {epoch}"
@@ -267,7 +270,13 @@ class RunDir:
                         + (f"; resuming from epoch {start.epoch}, the newest epoch every node has intact"
                            if start.epoch else ""))
         if verdict["candidates"] and not start.epoch:
-            raise ConfigError(f"no epoch in {self.path / 'checkpoints'} is intact on every node ({problems[0]}); {START_OVER}")
+            if verdict["marker"]:
+                raise ConfigError(f"no epoch in {self.path / 'checkpoints'} is intact on every node ({problems[0]}); "
+                                  f"{START_OVER}")
+            # no marker: no group checkpoint was ever completed (a crash while the first was
+            # being written): nothing to resume, so a fresh start (the partial files set aside)
+            if index == 0:
+                log.warning(f"[resume] {self.path / 'checkpoints'} holds no complete group checkpoint: starting fresh")
         if start.epoch > cfg.train.epochs:
             raise ConfigError(f"{self.path} holds a run at epoch {start.epoch} but train.epochs={cfg.train.epochs}: "
                               f"a run cannot be shortened; use train.epochs>={start.epoch}, or {START_OVER}")
@@ -287,7 +296,7 @@ class RunDir:
         mine = seen[0]
         epochs = sorted({e for s in seen for e in s["epochs"]}, reverse=True)
         has_checkpoints = bool(epochs) or mine["marker_exists"]
-        verdict: dict[str, Any] = {"error": None, "candidates": [], "notes": []}
+        verdict: dict[str, Any] = {"error": None, "candidates": [], "notes": [], "marker": mine["marker_exists"]}
         if not cfg.train.resume or not has_checkpoints:
             return verdict
         try:
@@ -333,6 +342,15 @@ class RunDir:
                          f"{' (train.resume=false)' if not cfg.train.resume else ''}: moved them to {dest}")
         else:
             history = self.keep_metrics(epoch, cfg.graph.num_nodes)
+            stale = [self.epoch_dir(e) for e in self.scan()["epochs"] if e > epoch]  # damaged or never marked
+            if epoch < cfg.train.epochs:  # the final outputs of an earlier end (an extended run's)
+                stale += [self.path / SUMMARY, *self.path.glob("node*.pt")]
+            dest = self.set_aside([p for p in stale if p.exists()])
+            if dest is not None:
+                log.info(f"[resume] moved what the resumed run will write anew (final outputs of an earlier end, "
+                         f"epoch folders past epoch {epoch}) to {dest}")
+            atomic_write_text(json.dumps({"epoch": epoch, "nodes": cfg.graph.num_nodes}) + "\n",
+                              self.path / "checkpoints" / MARKER)
         self.write_config(config)
         return history
 

@@ -117,13 +117,25 @@ def test_an_extended_run_trains_its_new_epochs_on_the_new_schedule(tmp_path):
     assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, [r.name for r in runs]  # one wandb run id
 
 
-def test_extending_a_constant_schedule_is_bitwise_the_longer_run(tmp_path):
-    """Without a total-dependent schedule or Linear gates, 3 + 2 epochs == 5 epochs."""
-    const = {"lr": 0.05, "schedule": "constant", "milestones": [], "warmup_epochs": 0}
-    run_local(pair(5, optim=const), tmp_path / "straight", timeout_s=300)
-    run_local(pair(3, optim=const), tmp_path / "ext", timeout_s=300)
-    run_local(pair(5, optim=const), tmp_path / "ext", timeout_s=300)
-    assert_same(weights(tmp_path / "ext"), weights(tmp_path / "straight"))
+@pytest.mark.parametrize("schedule", ["cosine", "constant", "multistep"])
+def test_a_restored_node_follows_the_schedule_of_its_own_total(schedule):
+    """A node state saved after 3 of 3 epochs, loaded by a node of a 5-epoch run: the next
+    step's lr is the 5-epoch schedule's (constant and multistep: what a 5-epoch run has at
+    that step, so extending them is bitwise the longer run)."""
+    from actors.node import GraphNode
+
+    optim = {"lr": 0.05, "schedule": schedule, "milestones": [2], "warmup_epochs": 0}
+    short, long = (small_config(["convnet"], [[T]], optim=optim, train={"epochs": e}) for e in (3, 5))
+    build = lambda c: GraphNode(0, c.graph, 10, 1, c.optim, c.train.epochs, 4, 0, torch.device("cpu"))  # noqa: E731
+    a, fresh = build(short), build(long)
+    for _ in range(12):
+        a.skip_update()
+        fresh.skip_update()
+    b = build(long)
+    b.load_state_dict(a.state_dict())
+    assert b.lr == pytest.approx(0.05 * b.lr_schedule(12)) and b.lr == fresh.lr
+    if schedule == "cosine":
+        assert a.lr == 0.0 and b.lr > 0.01  # the old total's end, the new total's middle
 
 
 # --- 2. stale checkpoints ------------------------------------------------------------------------------
@@ -146,9 +158,31 @@ def test_a_fresh_run_sets_the_old_runs_outputs_aside(tmp_path, capfd):
     assert [r["epoch"] for r in metrics(tmp_path)] == [1, 1, 2, 2, 3, 3]  # every epoch trained by C
 
 
+def start_alone(cfg, run_dir):
+    """``RunDir.start`` as a group of one (no processes): the directory checks in-process."""
+    from coordinator.rundir import RunDir
+
+    return RunDir(run_dir).start(cfg, 0, "convnet", cfg.to_dict(), lambda x: [x], lambda x: x)
+
+
+def fake_checkpoints(run_dir, cfg, epoch=1):
+    """A run directory as a run of ``cfg`` leaves it after ``epoch`` epochs (no training)."""
+    from coordinator.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    rd.prepare()
+    rd.write_config(cfg.to_dict())
+    state = {"model": {}, "step": 4 * epoch, "epoch": epoch, "meta": {"model": "convnet", "node": 0}}
+    rd.node_files(0).save_epoch(epoch, state)
+    rd.mark_complete(epoch, 1)
+    return rd
+
+
 def test_checkpoints_without_a_readable_config_are_not_resumed(tmp_path):
     """Regression: a missing or unreadable run_config.json skipped every compatibility check."""
-    run_local(pair(1), tmp_path, timeout_s=300)
+    one = small_config(["convnet"], [[T]], train={"epochs": 2})
+    rd = fake_checkpoints(tmp_path, one)
+    assert start_alone(one, tmp_path).epoch == 1  # readable and the same: resumed
     config = tmp_path / "run_config.json"
     text = config.read_text()
     for damage in ("missing", "garbage"):
@@ -157,7 +191,50 @@ def test_checkpoints_without_a_readable_config_are_not_resumed(tmp_path):
         else:
             config.write_text(text[: len(text) // 2])
         with pytest.raises(ConfigError, match=r"run_config.json is (missing|unreadable).*cannot be checked.*train.resume=false"):
-            run_local(pair(2, seed=5), tmp_path, timeout_s=300)
+            start_alone(small_config(["convnet"], [[T]], train={"epochs": 2}, seed=5), tmp_path)
+    assert rd.scan()["marker"] == 1  # a refusal moves nothing
+
+
+def test_a_crash_during_the_first_group_checkpoint_starts_fresh(tmp_path):
+    """No marker was ever written and no epoch is intact: nothing to resume, so a restart
+    starts over (the partial files set aside) instead of failing every time."""
+    one = small_config(["convnet"], [[T]], train={"epochs": 2})
+    rd = fake_checkpoints(tmp_path, one)
+    (tmp_path / "checkpoints" / "latest.json").unlink()
+    rd.checkpoint_path(1, 0).write_bytes(b"cut short")
+    assert start_alone(one, tmp_path).epoch == 0
+    assert not (tmp_path / "checkpoints").exists() and list((tmp_path / "replaced").glob("*/checkpoints/epoch_0001"))
+
+
+def test_a_resume_sets_aside_what_it_will_write_anew(tmp_path):
+    """An extended run: the earlier end's summary and final node files, and epoch folders
+    past the resumed epoch, are moved aside (they would sit next to a run that has not
+    reached them)."""
+    one = small_config(["convnet"], [[T]], train={"epochs": 1})
+    rd = fake_checkpoints(tmp_path, one)
+    rd.write_summary({"epochs": 1})
+    rd.node_files(0).save_final({"model": {}})
+    rd.node_files(0).save_epoch(2, {"model": {}})  # saved, never marked
+    assert start_alone(small_config(["convnet"], [[T]], train={"epochs": 3}), tmp_path).epoch == 1
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "node0.pt").exists()
+    assert not rd.epoch_dir(2).exists() and rd.epoch_dir(1).exists()
+    aside = next((tmp_path / "replaced").iterdir())
+    assert {"summary.json", "node0.pt", "checkpoints"} <= {p.name for p in aside.iterdir()}
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path):
+    one = small_config(["convnet"], [[T]], train={"epochs": 2})
+    fake_checkpoints(tmp_path, one)
+    for other, named in ((dict(seed=5), "seed"), (dict(optim={"lr": 0.1}), "optim"),
+                         (dict(train={"epochs": 2, "max_steps_per_epoch": 3}), "train.max_steps_per_epoch")):
+        with pytest.raises(ConfigError, match=rf"holds a checkpoint of a run with other {named}; .*new hydra.run.dir"):
+            start_alone(small_config(["convnet"], [[T]], **{"train": {"epochs": 2}, **other}), tmp_path)
+    with pytest.raises(ConfigError, match=r"holds node 0 as a convnet, but the graph says resnet20"):
+        start_alone(small_config(["resnet20"], [[T]], train={"epochs": 2}), tmp_path)
+    fake_checkpoints(tmp_path / "at3", one, epoch=3)
+    with pytest.raises(ConfigError, match=r"holds a run at epoch 3 but train.epochs=2: a run cannot be shortened"):
+        start_alone(one, tmp_path / "at3")
+    assert start_alone(small_config(["convnet"], [[T]], train={"epochs": 7}), tmp_path).epoch == 1  # extending is fine
 
 
 # --- 3. workers do not outlive their launcher -------------------------------------------------------------
@@ -280,6 +357,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_epoch_every_node_has_intact
                 "metrics.jsonl: dropped line"):
         assert why in err, why
     assert not proof.exists()  # weights_only: the planted pickle never ran
+    assert list((run_dir / "replaced").glob("*/checkpoints/epoch_0005"))  # past the marker: set aside, not reused
     assert_same(weights(run_dir), final)
     assert [(r["epoch"], r["node"]) for r in metrics(run_dir)] == [(e, n) for e in range(1, EPOCHS + 1) for n in range(2)]
 
