@@ -3,7 +3,7 @@
 A dataset is loaded once per node process into ``[N, C, H, W]`` uint8 (+ int64 labels)
 and moved to the node's device. Augmentation (reflect- or zero-pad + random crop, horizontal flip)
 is applied per sample *with parameters handed out by the coordinator* (see
-``coordinator.batch_order``), so every node of a graph holds bitwise the same augmented
+``actors.batch_order``), so every node of a graph holds bitwise the same augmented
 batch, and no DataLoader worker sits in the hot path.
 
 Datasets:
@@ -21,7 +21,6 @@ the run seed, so it is the same for every run).
 """
 from __future__ import annotations
 
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path

@@ -17,13 +17,13 @@ from typing import Any, Optional
 
 import torch
 
+from actors.batch_order import DX, DY, FLIP, PERM, BatchOrder, batch_fingerprint
 from actors.data import Dataset, Split, augment, to_float
+from actors.errors import BatchMismatchError, NonFiniteLossError
 from actors.exchange import DistEnv, Exchange
 from actors.node import GraphNode
 from actors.progress import EpochProgress
 from actors.timing import NO_TIMER
-from coordinator.batch_order import DX, DY, FLIP, PERM, BatchOrder, batch_fingerprint
-from coordinator.errors import BatchMismatchError, NonFiniteLossError
 
 
 class BatchMaker:

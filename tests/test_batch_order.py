@@ -2,7 +2,7 @@
 tells two different batches apart."""
 import torch
 
-from coordinator.batch_order import DX, DY, FLIP, PERM, BatchOrder, batch_fingerprint
+from actors.batch_order import DX, DY, FLIP, PERM, BatchOrder, batch_fingerprint
 
 
 def test_plan_depends_only_on_seed_and_epoch():
