@@ -10,6 +10,7 @@ from typing import IO, Any, Callable
 
 import torch
 
+
 def _read_umask() -> int:
     """The process's umask, read without changing it (Linux: /proc/self/status); elsewhere
     set and restored at once, here at import, before any thread of ours runs."""

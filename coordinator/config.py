@@ -31,7 +31,8 @@ def _choice(value: Any, allowed: tuple[str, ...], name: str) -> None:
 
 
 def _positive(value: Any, name: str, integer: bool = True, allow_zero: bool = False) -> None:
-    ok_type = isinstance(value, int) and not isinstance(value, bool) if integer else isinstance(value, (int, float)) and not isinstance(value, bool)
+    number = (int,) if integer else (int, float)
+    ok_type = isinstance(value, number) and not isinstance(value, bool)
     if not ok_type or value < 0 or (value == 0 and not allow_zero):
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}; got {value!r}")

@@ -8,7 +8,6 @@ Killing the driver's trial kills its actors, so nothing of a stopped trial keeps
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Optional
 
 import ray

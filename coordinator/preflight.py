@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from actors.checkpoint import load_model_weights
 from actors.data import Dataset, DatasetError, load_dataset
 from actors.models import build_model

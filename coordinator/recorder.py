@@ -11,7 +11,6 @@ from typing import Any, Optional
 
 from coordinator.rundir import RunDir
 
-
 log = logging.getLogger("ktg")
 
 

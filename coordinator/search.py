@@ -606,7 +606,8 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
         invalid = bool(r.metrics.get("invalid")) if r.metrics else False
         vals = df[METRIC].tolist() if df is not None and METRIC in df else []
         if r.error is not None:
-            status = f"failed: {type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:160]}" if str(r.error).strip() else "failed"
+            why = str(r.error).strip()
+            status = f"failed: {type(r.error).__name__}: {why.splitlines()[-1][:160]}" if why else "failed"
         elif invalid:
             status = "invalid graph (not trained)"
         elif trial_states.get(Path(r.path).name[len("trial_"):] if r.path else "", "TERMINATED") not in ("TERMINATED", "ERROR"):

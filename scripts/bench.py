@@ -174,7 +174,8 @@ def ms(v: float) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="timed steps per case (after a warm-up epoch)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: gloo, one thread per process; cuda: NCCL, one GPU per node")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cpu: gloo, one thread per process; cuda: NCCL, one GPU per node")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--repeats", type=int, default=5, help="repetitions of the 2-node group vs single-process pair (section 5)")
     ap.add_argument("--quick", action="store_true", help="a few steps per case: checks that the benchmark runs, measures nothing")
@@ -242,7 +243,8 @@ def main(argv=None) -> int:
         raw["speedup"] = ratios
 
     # 3. exchange share vs M and batch
-    print("\n### 3. The exchange's share of the step (ResNet32 nodes; exchange = all-gather transfer, wait = waiting for the slowest node)\n")
+    print("\n### 3. The exchange's share of the step "
+          "(ResNet32 nodes; exchange = all-gather transfer, wait = waiting for the slowest node)\n")
     print("| nodes | batch | bytes sent per node | exchange (ms) | wait (ms) | step (ms) | exchange % | exchange + wait % |")
     print("|---|---|---|---|---|---|---|---|")
     for m in (1, 2, 3):

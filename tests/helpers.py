@@ -8,7 +8,6 @@ import numpy as np
 
 from coordinator.config import RunConfig
 
-
 # the gates of the session's real run (conftest.real_run): every kind of edge, Cutoffs included
 WANDB_RUN_GATES = [["Through", "Linear", "Cutoff"],
                    ["Correct", "Through", "Through"],

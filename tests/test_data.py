@@ -1,6 +1,5 @@
 """Datasets read from their real on-disk formats (small files written here), the digits
 default, clear errors for missing data, and on-device augmentation."""
-import pickle
 
 import numpy as np
 import pytest

@@ -89,8 +89,8 @@ def test_same_seed_same_summary_and_metrics(tmp_path):
     a = run_local(cfg, tmp_path / "a", timeout_s=300)
     b = run_local(cfg, tmp_path / "b", timeout_s=300)
     assert _strip_timing(a) == _strip_timing(b)
-    rows = lambda d: [{k: v for k, v in json.loads(l).items() if not k.endswith("time_s")}  # noqa: E731,E741
-                      for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    rows = lambda d: [{k: v for k, v in json.loads(line).items() if not k.endswith("time_s")}  # noqa: E731
+                      for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
     assert rows("a") == rows("b") and len(rows("a")) == 4
     c = run_local(small_config(["convnet", "convnet"], [[T, T], [T, T]], train__epochs=2, seed=1), tmp_path / "c", timeout_s=300)
     assert _strip_timing(c) != _strip_timing(a)

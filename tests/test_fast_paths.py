@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from actors.data import load_dataset
-from actors.exchange import DistEnv, Exchange, init_distributed, shutdown, free_port
+from actors.exchange import Exchange, free_port, init_distributed, shutdown
 from actors.timing import PARTS, StepTimer
 from actors.worker import NodeWorker
 from coordinator.config import ConfigError

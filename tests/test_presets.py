@@ -12,7 +12,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from actors.data import load_dataset
 from actors.models import build_model
 from coordinator.config import RunConfig
 from coordinator.preflight import preflight

@@ -200,8 +200,9 @@ def test_an_interrupted_search_resumes_with_its_console_counts(tmp_path, capsys,
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[search] ")]  # noqa: E741
     assert summary["trials"] == 3 and not summary["interrupted"], summary
     first_val = float(earlier[0]["best_val_acc"])
-    assert lines[0] == f"[search] resumed: 1/3 trials ended in earlier attempts | best val {first_val:.2f} ({earlier[0]['trial'][6:]})", lines
-    ended = [l for l in lines if re.match(r"\[search\] \d/3 trial ", l)]  # noqa: E741
-    assert [l.split()[1] for l in ended] == ["2/3", "3/3"], lines
+    first = f"[search] resumed: 1/3 trials ended in earlier attempts | best val {first_val:.2f} ({earlier[0]['trial'][6:]})"
+    assert lines[0] == first, lines
+    ended = [line for line in lines if re.match(r"\[search\] \d/3 trial ", line)]
+    assert [line.split()[1] for line in ended] == ["2/3", "3/3"], lines
     for line in ended:
         assert float(re.search(r"best so far ([\d.]+)", line).group(1)) >= first_val - 0.005, line
