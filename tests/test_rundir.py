@@ -256,11 +256,15 @@ def test_workers_end_when_torchrun_is_killed(tmp_path):
         kill_all([p.pid, *workers, *descendants(p.pid)])
 
 
-def test_workers_end_when_the_run_local_caller_is_killed(tmp_path):
+def long_local_run(run_dir):
+    """A Python process running a long ``run_local`` into ``run_dir`` (killed by the test)."""
     script = ("import sys; sys.path.insert(0, '.'); from tests.test_rundir import pair; "
-              "from coordinator.local import run_local; "
-              f"run_local(pair(500, steps=0), {str(tmp_path)!r})")
-    p = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+              f"from coordinator.local import run_local; run_local(pair(500, steps=0), {str(run_dir)!r})")
+    return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_workers_end_when_the_run_local_caller_is_killed(tmp_path):
+    p = long_local_run(tmp_path)
     kids = []
     try:
         wait_for(lambda: (tmp_path / "metrics.jsonl").exists(), 120, "epoch 1")
@@ -276,10 +280,7 @@ def test_workers_end_when_the_run_local_caller_is_killed(tmp_path):
 # --- 4. one run per directory -------------------------------------------------------------------------------
 
 def test_a_second_run_into_a_used_directory_is_refused_at_once(tmp_path):
-    script = ("import sys; sys.path.insert(0, '.'); from tests.test_rundir import pair; "
-              "from coordinator.local import run_local; "
-              f"run_local(pair(500, steps=0), {str(tmp_path)!r})")
-    first = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = long_local_run(tmp_path)
     try:
         wait_for(lambda: (tmp_path / "metrics.jsonl").exists(), 120, "epoch 1")
         t0 = time.time()
