@@ -15,10 +15,12 @@ graph nodes; NCCL with one GPU per rank, gloo on CPU: the same code) and returns
 Faults. A group that does not form in time raises ``RendezvousTimeoutError`` (which rank
 waited where, and for whom when the store can tell). Once formed, every rank beats a counter
 in the group's store once a second (a daemon thread; nothing on the step's path). A
-collective that fails (gloo: after ``dist_timeout_s`` when a peer hangs or is stopped, at
-once when a peer dies) raises ``GroupTimeoutError`` / ``CollectiveError`` after watching the
-beats for a window of ``min(10, max(3, dist_timeout_s / 10))`` s; the message names the
-rank(s) whose beat stood still: the one(s) that did not answer. Every diagnostic store call
+collective that fails (gloo: after its timeout when a peer hangs or is stopped, at once
+when a peer dies) raises ``GroupTimeoutError`` / ``CollectiveError`` after watching the
+beats for a window of ``diagnosis_window(dist_timeout_s)`` s; the message names the
+rank(s) whose beat stood still: the one(s) that did not answer. So that a hung group ends
+within ``dist_timeout_s``, the collectives' own timeout is ``dist_timeout_s`` less that
+window (for ``dist_timeout_s`` of at least twice the window; shorter ones are kept whole). Every diagnostic store call
 is bounded: the store may live in the very process that stopped (rank 0 under ``tcp://``;
 then that rank is named because its store did not answer either). The rank serving the
 store stays up to one more window, until the other survivors have read it.
@@ -68,7 +70,9 @@ class DistEnv:
     device: torch.device
     backend: str
     timeout_s: float = 300.0
-    """The collective timeout the group was started with (``dist_timeout_s``)."""
+    """The collectives' timeout (``dist_timeout_s`` less ``diagnosis_s`` when it is long enough)."""
+    diagnosis_s: float = 3.0
+    """How long a rank whose collective failed watches the others' heartbeats."""
     store: Any = field(default=None, repr=False, compare=False)
     """The group's (per-attempt prefixed) store; None: no diagnosis of failed collectives."""
     store_host: int | None = None
@@ -122,7 +126,9 @@ def init_distributed(
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # before init: NCCL binds this rank to its own GPU
         kwargs["device_id"] = dev
-    timeout = datetime.timedelta(seconds=timeout_s)
+    diagnosis_s = diagnosis_window(timeout_s)
+    collective_s = timeout_s - diagnosis_s if timeout_s >= 2 * diagnosis_s else timeout_s
+    timeout = datetime.timedelta(seconds=collective_s)
     rdv_s = timeout_s if rendezvous_timeout_s is None else rendezvous_timeout_s
     t0 = time.monotonic()
 
@@ -178,10 +184,16 @@ def init_distributed(
     store.set_timeout(timeout)
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
     env = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend,
-                  timeout_s=timeout_s, store=store, store_host=_store_host(init_method))
+                  timeout_s=collective_s, diagnosis_s=diagnosis_s, store=store, store_host=_store_host(init_method))
     if world_size > 1:
         _start_heartbeat(store, beats[rank])
     return env
+
+
+def diagnosis_window(timeout_s: float) -> float:
+    """Seconds a rank whose collective failed watches the heartbeats (``dist_timeout_s`` /
+    10, at least 3 beats, at most 10 s)."""
+    return min(10.0, max(3 * BEAT_S, timeout_s / 10))
 
 
 def _where(init_method: str) -> str:
@@ -416,7 +428,7 @@ class Exchange:
         timed_out = "timed out" in text or "timeout" in text  # gloo: "Timed out waiting 5000ms for recv ..."
         what = (f"{op} timed out after {env.timeout_s:g} s" if timed_out else f"{op} failed") \
             + f" on rank {env.rank} of {env.world_size}"
-        window = min(10.0, max(3 * BEAT_S, env.timeout_s / 10))
+        window = env.diagnosis_s
         silent = _silent_ranks(env, window) if env.store is not None else None
         if silent is None:
             why = "which rank did not answer is unknown (no store to ask)"

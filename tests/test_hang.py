@@ -148,11 +148,12 @@ def _run_local_children(world):
 
 
 def test_stopped_node_ends_the_run_naming_it(tmp_path):
-    """A 2-node run under run_local, dist_timeout_s=5: node 1 is SIGSTOPped mid-training.
-    Node 0 ends within the timeout plus the diagnosis, and the run's error names node 1."""
+    """A 2-node run under run_local, dist_timeout_s=8: node 1 is SIGSTOPped mid-training.
+    Node 0 ends within dist_timeout_s (the collective times out after 5 s, the heartbeats
+    are watched for 3 s) plus the time to exit, and the run's error names node 1."""
     from coordinator.local import run_local
 
-    timeout_s = 5.0
+    timeout_s = 8.0
     cfg = small_config(["convnet", "convnet"], [[T, T], [T, T]],
                        train={"epochs": 50, "batch_size": 32, "num_threads": 1}, dist_timeout_s=timeout_s)
     seen = {}
@@ -186,7 +187,7 @@ def test_stopped_node_ends_the_run_naming_it(tmp_path):
     assert "stopped_at" in seen, msg
     assert re.search(r"GroupTimeoutError: \w+ timed out after 5 s on rank 0 of 2: rank 1 did not answer", msg), msg
     ended = seen["rank0_gone_at"] - seen["stopped_at"]
-    assert ended < timeout_s + 10.0, f"node 0 ended {ended:.1f} s after node 1 stopped"
+    assert ended < timeout_s + 3.0, f"node 0 ended {ended:.1f} s after node 1 stopped"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert 2 <= len(rows) < 2 * 50  # it did stop mid-run
 
