@@ -105,7 +105,6 @@ class NodeWorker:
             torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): pick the fastest kernels once
         self.order = build_batch_order(cfg, data)
         self.steps_per_epoch = steps_per_epoch(cfg, self.order)
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.batches = build_batch_maker(cfg, self.data, self.device)
         self.node = build_node(cfg, self.data, self.index, self.steps_per_epoch, self.device)
         # progress lines on rank 0: every train.log_every steps; by default ~5 per epoch on long epochs

@@ -29,7 +29,6 @@ class SequentialGroup:
         self.order = build_batch_order(cfg, self.data)
         self.make_batch = build_batch_maker(cfg, self.data, device)
         self.steps_per_epoch = steps_per_epoch(cfg, self.order)
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.nodes: list[GraphNode] = [build_node(cfg, self.data, i, self.steps_per_epoch, device)
                                        for i in range(cfg.graph.num_nodes)]
         self.step_count = 0
