@@ -23,9 +23,9 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from actors.config import RunConfig
+from actors.errors import ConfigError
 from actors.exchange import env_from_torchrun
-from coordinator.config import RunConfig
-from coordinator.errors import ConfigError
 from coordinator.run import run_node
 
 

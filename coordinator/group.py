@@ -13,7 +13,7 @@ from typing import Any, Optional
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from coordinator.config import RunConfig
+from actors.config import RunConfig
 
 
 class NodeActor:
@@ -32,8 +32,8 @@ class NodeActor:
         import torch
 
         from actors.exchange import Exchange, init_distributed
+        from actors.preflight import preflight
         from actors.worker import NodeWorker
-        from coordinator.preflight import preflight
         from coordinator.rundir import RunDir
 
         cfg = self.cfg

@@ -15,10 +15,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+from actors.config import RunConfig
+from actors.errors import ConfigError
 from actors.exchange import free_port
-from coordinator.config import RunConfig
-from coordinator.errors import ConfigError
-from coordinator.preflight import check_world_size
+from actors.preflight import check_world_size
 
 
 def _child(cfg: RunConfig, run_dir: str, rank: int, world_size: int, port: int, results, caller: int) -> None:

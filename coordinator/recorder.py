@@ -72,7 +72,7 @@ class RunRecorder:
         import wandb
 
         try:
-            from coordinator.pictures import graph_image
+            from drawing.figures import graph_image
 
             path = graph_image(self.cfg.graph, self.run_dir.path / "pictures" / "graph.png")
             self.wandb.log({"graph": wandb.Image(str(path), caption=self.cfg.graph.describe())}, commit=False)

@@ -12,11 +12,11 @@ from typing import Any, Optional
 
 import torch
 
+from actors.config import RunConfig
 from actors.exchange import Exchange, init_distributed, shutdown
 from actors.lifeline import exit_with_parent
+from actors.preflight import preflight
 from actors.worker import NodeWorker
-from coordinator.config import RunConfig
-from coordinator.preflight import preflight
 from coordinator.recorder import RunRecorder
 from coordinator.rundir import RunDir
 

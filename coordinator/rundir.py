@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from actors.checkpoint import atomic_save, atomic_write_text, load_state
-from coordinator.config import RunConfig
-from coordinator.errors import ConfigError
+from actors.config import RunConfig
+from actors.errors import ConfigError
 
 log = logging.getLogger("ktg")
 

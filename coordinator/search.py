@@ -37,10 +37,10 @@ from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from actors.checkpoint import atomic_write_text
+from actors.config import RunConfig, _build
+from actors.errors import ConfigError
 from actors.gates import GATES, is_cutoff
 from actors.models import MODELS
-from coordinator.config import RunConfig, _build
-from coordinator.errors import ConfigError
 
 log = logging.getLogger("ktg")
 METRIC = "target_val_acc"
@@ -661,7 +661,7 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
         "best_models": best["models"], "best_gates": best["gates"],
         "wall_s": wall_s,
         "launch_overhead_s_mean": sum(overheads) / len(overheads) if overheads else None,
-        # ASHA's schedule, for the search picture's rungs (coordinator.pictures.draw_search)
+        # ASHA's schedule, for the search picture's rungs (drawing.figures.draw_search)
         "grace_period": space.grace_period,
         "reduction_factor": space.reduction_factor,
         "max_epochs": space.max_epochs,

@@ -42,11 +42,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from actors.config import RunConfig  # noqa: E402
 from actors.data import load_dataset  # noqa: E402
 from actors.exchange import Exchange, free_port, init_distributed, shutdown  # noqa: E402
 from actors.timing import PARTS, StepTimer  # noqa: E402
 from actors.worker import NodeWorker  # noqa: E402
-from coordinator.config import RunConfig  # noqa: E402
 from coordinator.sequential import SequentialGroup  # noqa: E402
 
 

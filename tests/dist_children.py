@@ -29,8 +29,8 @@ def exchange_child(rank: int, world: int, port: int, results) -> None:
 def drift_child(rank: int, world: int, port: int, cfg, results) -> None:
     """Node 1's batch is nudged by one ulp on one pixel: the run must stop at step 1."""
     from actors.exchange import Exchange, init_distributed, shutdown
+    from actors.preflight import preflight
     from actors.worker import NodeWorker
-    from coordinator.preflight import preflight
 
     try:
         data = preflight(cfg, world)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.config import RunConfig
+from actors.config import RunConfig
 
 # the gates of the session's real run (conftest.real_run): every kind of edge, Cutoffs included
 WANDB_RUN_GATES = [["Through", "Linear", "Cutoff"],

@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import launch  # noqa: F401  (registers the run-dir resolver)
-from coordinator.config import RunConfig
-from coordinator.errors import ConfigError
+from actors.config import RunConfig
+from actors.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from actors.data import DatasetError, augment, load_dataset, to_float
-from coordinator.errors import ConfigError
+from actors.errors import ConfigError
 from tests.helpers import write_cifar
 
 
@@ -93,7 +93,7 @@ def test_tiny_imagenet_missing_names_layout(tmp_path):
 
 
 def test_missing_dataset_is_a_config_error_before_training(tmp_path):
-    from coordinator.preflight import load_data
+    from actors.preflight import load_data
     from tests.helpers import small_config
 
     cfg = small_config(["convnet"], [["Through"]], dataset={"name": "cifar10", "root": str(tmp_path)})
@@ -102,7 +102,7 @@ def test_missing_dataset_is_a_config_error_before_training(tmp_path):
 
 
 def test_batch_larger_than_dataset_is_refused():
-    from coordinator.preflight import load_data
+    from actors.preflight import load_data
     from tests.helpers import small_config
 
     cfg = small_config(["convnet"], [["Through"]], train__batch_size=5000)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from actors.checkpoint import load_model_weights
+from actors.preflight import load_data
 from coordinator.local import run_local
-from coordinator.preflight import load_data
 from coordinator.sequential import train_sequential
 from tests.dist_children import drift_child, exchange_child, spawn
 from tests.helpers import small_config
@@ -137,9 +137,9 @@ def test_pretrained_teacher_feeds_kd(tmp_path):
 
 
 def test_teacher_checkpoint_of_wrong_architecture_is_refused(tmp_path):
+    from actors.errors import ConfigError
     from actors.models import build_model
-    from coordinator.errors import ConfigError
-    from coordinator.preflight import preflight
+    from actors.preflight import preflight
 
     path = tmp_path / "t.pt"
     torch.save(build_model("resnet20", 10, 1).state_dict(), path)

@@ -3,11 +3,11 @@ step timer, exercised on CPU: they change speed, not the method."""
 import pytest
 import torch
 
+from actors.config import ConfigError
 from actors.data import load_dataset
 from actors.exchange import Exchange, free_port, init_distributed, shutdown
 from actors.timing import PARTS, StepTimer
 from actors.worker import NodeWorker
-from coordinator.config import ConfigError
 from coordinator.sequential import train_sequential
 from tests.helpers import small_config
 

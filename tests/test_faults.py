@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from actors.checkpoint import load_model_weights
-from coordinator.errors import ConfigError
+from actors.errors import ConfigError
 from tests.helpers import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_unwritable_run_dir_is_refused(tmp_path):
 
 
 def test_missing_teacher_checkpoint_names_the_fix(tmp_path):
-    from coordinator.preflight import preflight
+    from actors.preflight import preflight
 
     cfg = small_config(["convnet", {"model": "resnet110", "checkpoint": str(tmp_path / "t.pt")}], [[T, T], ["Cutoff"] * 2])
     with pytest.raises(ConfigError, match=r"graph.nodes\[1\].checkpoint=.*t.pt: file not found. Pretrain it first .*graph=teacher"):

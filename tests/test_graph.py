@@ -2,10 +2,10 @@
 import pytest
 import torch
 
+from actors.config import OptimConfig
+from actors.errors import ConfigError
+from actors.graph import GraphSpec
 from actors.node import GraphNode
-from coordinator.config import OptimConfig
-from coordinator.errors import ConfigError
-from coordinator.graph import GraphSpec
 
 T, C = "Through", "Cutoff"
 

@@ -1,4 +1,4 @@
-"""Pictures (coordinator.pictures, the ``coordinator.draw`` command) drawn from a real run
+"""Pictures (drawing.figures, the ``drawing.draw`` command) drawn from a real run
 and a real search: the files exist, are real PNG/SVG of a plausible size, and the SVG holds
 the labels the picture must show."""
 import subprocess
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.draw import main as draw_main
-from coordinator.pictures import asha_rungs, draw_graph, draw_search, load_graph_file
+from drawing.draw import main as draw_main
+from drawing.figures import asha_rungs, draw_graph, draw_search, load_graph_file
 from tests.helpers import WANDB_RUN_GATES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +107,6 @@ def test_every_preset_draws(tmp_path):
 
 @pytest.mark.parametrize("arg", ["no/such/path", "README.md"])
 def test_bad_path_is_a_clear_error(arg, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "coordinator.draw", arg], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "drawing.draw", arg], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: {arg} ") and "a run directory" in r.stderr and "Traceback" not in r.stderr

@@ -12,9 +12,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from actors.config import RunConfig
 from actors.models import build_model
-from coordinator.config import RunConfig
-from coordinator.preflight import preflight
+from actors.preflight import preflight
 from coordinator.sequential import train_sequential
 from tests.helpers import write_cifar
 
@@ -116,7 +116,7 @@ def test_new_graphs_keep_eval_mode_for_frozen_nodes(workdir):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         assert compose("config", overrides=["graph=kd"]).graph.frozen_bn == "train"  # the published KD
         assert compose("config", overrides=["graph=independent"]).graph.get("frozen_bn", "eval") == "eval"
-    from coordinator.graph import GraphSpec
+    from actors.graph import GraphSpec
     assert GraphSpec(nodes=["convnet"], gates=[["Through"]]).frozen_bn == "eval"
 
 

@@ -48,7 +48,7 @@ def test_lines_every_log_every_steps_and_nothing_when_off():
 
 @pytest.mark.parametrize("value", ["fancy", "", None])
 def test_bad_progress_mode_is_refused(value):
-    from coordinator.errors import ConfigError
+    from actors.errors import ConfigError
     from tests.helpers import small_config
 
     with pytest.raises(ConfigError, match="train.progress must be one of auto, bar, lines, off"):

@@ -16,8 +16,8 @@ from actors.data import augment
 from actors.gates import gate_progress
 from actors.models import build_model
 from actors.node import LrSchedule
+from actors.preflight import load_data
 from coordinator.local import run_local
-from coordinator.preflight import load_data
 from coordinator.sequential import SequentialGroup, train_sequential
 from tests.helpers import small_config
 

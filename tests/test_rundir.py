@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from actors.checkpoint import load_model_weights
-from coordinator.errors import ConfigError
+from actors.errors import ConfigError
 from coordinator.local import run_local
 from tests.helpers import small_config
 

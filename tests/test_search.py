@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.errors import ConfigError
+from actors.errors import ConfigError
 from coordinator.search import GraphRandomSearch, SearchConfig, describe_gates
 
 ROOT = Path(__file__).resolve().parents[1]

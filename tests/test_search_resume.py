@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from actors.errors import ConfigError
 from coordinator import search as search_module
-from coordinator.errors import ConfigError
 from coordinator.search import METRIC, RECORD, Progress, SearchConfig, run_search
 
 

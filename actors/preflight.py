@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 from actors.checkpoint import load_model_weights
+from actors.config import RunConfig
 from actors.data import Dataset, DatasetError, load_dataset
+from actors.errors import ConfigError
 from actors.models import build_model
-from coordinator.config import RunConfig
-from coordinator.errors import ConfigError
 
 
 def check_world_size(cfg: RunConfig, world_size: int) -> None:

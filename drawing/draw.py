@@ -1,8 +1,8 @@
 """Draw a graph, a finished run or a search, as PNG and SVG.
 
-    python -m coordinator.draw conf/graph/ktg3.yaml      # a graph config (or a preset name: ktg3)
-    python -m coordinator.draw runs/<run>                # a run: its graph + learning curves
-    python -m coordinator.draw runs/search/<experiment>  # a search: val acc per epoch + ASHA rungs, best graph
+    python -m drawing.draw conf/graph/ktg3.yaml      # a graph config (or a preset name: ktg3)
+    python -m drawing.draw runs/<run>                # a run: its graph + learning curves
+    python -m drawing.draw runs/search/<experiment>  # a search: val acc per epoch + ASHA rungs, best graph
     ktg-draw ...                                         # the same, once the project is installed
 
 Pictures go to ``<run or search>/pictures/`` (``pictures/`` in the current folder for a
@@ -38,7 +38,7 @@ def draw(target: str, out: Optional[str] = None, name: Optional[str] = None, **a
     """Draw ``target`` (see ``KINDS``); returns the files written. Raises ``ValueError``
     naming the accepted kinds of path when ``target`` is none of them. ``asha``: grace,
     rf, max_epochs for a search that did not record them (see ``pictures.draw_search``)."""
-    from coordinator import pictures
+    from drawing import figures as pictures
 
     path = Path(target)
     kind = _kind(path)

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from actors.errors import ConfigError
 from actors.gates import GATES, PROGRESS_MODES, is_cutoff
 from actors.losses import EDGE_LOSSES
 from actors.models import MODELS
-from coordinator.errors import ConfigError
 
 REDUCTIONS = ("sum", "mean")
 FROZEN_BN = ("eval", "train")

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from actors.data import DATASETS
-from coordinator.errors import ConfigError
-from coordinator.graph import GraphSpec
+from actors.errors import ConfigError
+from actors.graph import GraphSpec
 
 SCHEDULES = ("multistep", "cosine", "constant")
 SCHEDULE_STEPS = ("iteration", "epoch")

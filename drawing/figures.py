@@ -10,7 +10,7 @@
 
 Only ``matplotlib.figure.Figure`` with the Agg canvas is used (never pyplot), so drawing
 needs no display and leaves a notebook's backend alone. SVGs keep their text as ``<text>``.
-The command line is ``coordinator.draw`` (``ktg-draw``).
+The command line is ``drawing.draw`` (``ktg-draw``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
-    from coordinator.graph import GraphSpec
+    from actors.graph import GraphSpec
 
 PRETTY_MODELS = {
     "resnet20": "ResNet20",
@@ -87,8 +87,8 @@ def load_graph_file(path: str | Path) -> "GraphSpec":
     ``${dataset.name}`` in checkpoint paths stay unresolved (drawing does not need them)."""
     import yaml
 
-    from coordinator.errors import ConfigError
-    from coordinator.graph import GraphSpec
+    from actors.errors import ConfigError
+    from actors.graph import GraphSpec
 
     path = Path(path)
     try:

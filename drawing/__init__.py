@@ -1,0 +1,1 @@
+"""Pictures of graphs, runs and searches (presentation): ``python -m drawing.draw PATH``."""
