@@ -18,7 +18,7 @@ LAUNCHER = os.getppid()  # torchrun's agent: read before the seconds of imports 
 
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from actors.config import RunConfig
 from actors.errors import ConfigError
 from actors.exchange import env_from_torchrun
+from coordinator.hydra_conf import MODES, check_overrides, register_defaults
 from coordinator.run import run_node
 
 
@@ -40,7 +41,7 @@ def _launcher_start_time() -> Optional[float]:
         with open("/proc/stat") as f:
             btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
         return btime + start_ticks / os.sysconf("SC_CLK_TCK")
-    except Exception:
+    except (OSError, ValueError, IndexError, StopIteration):  # no /proc (not Linux), or another layout
         return None
 
 
@@ -59,9 +60,31 @@ def run_id() -> str:
 
 if not OmegaConf.has_resolver("ktg_run_id"):
     OmegaConf.register_new_resolver("ktg_run_id", run_id, use_cache=True)
+register_defaults()  # conf/config.yaml starts from the dataclasses' defaults (coordinator.hydra_conf)
 
 
-MODES = ("train", "search")
+def load_graph_file(path: str) -> DictConfig:
+    """A graph .yaml file as hydra will compose it; ``ConfigError`` when it is missing, not
+    YAML, or not a mapping."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"graph file {path} not found")
+    try:
+        node = OmegaConf.load(path)
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        what = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"graph file {path} is not valid YAML: {what}{where}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"graph file {path} cannot be read: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(node, DictConfig):
+        got = "empty" if raw is None else f"a {type(raw).__name__}"
+        raise ConfigError(f"graph file {path} must be a mapping (name, nodes, gates, ...); it is {got}")
+    return node
 
 
 def use_graph_files(argv: list[str]) -> list[str]:
@@ -73,14 +96,19 @@ def use_graph_files(argv: list[str]) -> list[str]:
     for arg in argv:
         if arg.startswith("graph=") and arg.endswith((".yaml", ".yml")):
             path = arg.split("=", 1)[1]
-            if not os.path.isfile(path):
-                print(f"error: graph file {path} not found", file=sys.stderr)
-                sys.exit(2)
+            node = load_graph_file(path)
             name = "file_" + "".join(c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(path))[0])
-            ConfigStore.instance().store(group="graph", name=name, node=OmegaConf.load(path))
+            ConfigStore.instance().store(group="graph", name=name, node=node)
             arg = f"graph={name}"
         out.append(arg)
     return out
+
+
+def exit_on_config_error(e: ConfigError) -> NoReturn:
+    """A user's input mistake: one line (from rank 0 only), exit code 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def search(cfg: DictConfig, out_dir: Optional[str] = None) -> dict[str, Any]:
@@ -119,14 +147,12 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Optional[dict[str, 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        mode = cfg.get("mode", "train")
+        mode = cfg.get("mode", MODES[0])
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         (search if mode == "search" else train)(cfg)
     except ConfigError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_on_config_error(e)
 
 
 if __name__ == "__main__":
@@ -138,5 +164,9 @@ if __name__ == "__main__":
         # hydra's .hydra/ would be rewritten by any command pointed at the directory, even one
         # that is then refused because another run holds it.
         sys.argv += ["hydra.output_subdir=null"]
-    sys.argv = use_graph_files(sys.argv)
+    try:
+        check_overrides(sys.argv[1:])  # preset and option names, before hydra's own errors
+        sys.argv = use_graph_files(sys.argv)
+    except ConfigError as e:
+        exit_on_config_error(e)
     main()

@@ -4,8 +4,11 @@ before any training process does work, and an error names the field and the allo
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import os
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -75,9 +78,13 @@ class OptimConfig:
     """SGD with an iteration-wise learning-rate schedule."""
 
     lr: float = 0.1
+    """Peak learning rate (after the warm-up)."""
     momentum: float = 0.9
+    """SGD momentum (0 = none)."""
     nesterov: bool = True
+    """Nesterov momentum (needs momentum > 0)."""
     weight_decay: float = 5e-4
+    """L2 weight decay of SGD."""
     schedule: str = "multistep"
     """multistep (x gamma at each milestone epoch), cosine (to 0 at the end), constant."""
     schedule_step: str = "iteration"
@@ -85,7 +92,9 @@ class OptimConfig:
     value of the epoch's first step held through it: cosine then equals
     ``CosineAnnealingLR(T_max=epochs)`` stepped once an epoch, as the reimplementation)."""
     milestones: list[int] = field(default_factory=lambda: [60, 120, 180])
+    """schedule=multistep: the epochs at which the learning rate is multiplied by gamma (increasing)."""
     gamma: float = 0.1
+    """schedule=multistep: the factor applied at each milestone."""
     warmup_epochs: float = 0.0
     """Linear warm-up from 0 over this many epochs (0 = none)."""
 
@@ -106,13 +115,16 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 200
+    """Epochs to train; the learning-rate schedule spans them (the optim= presets set it)."""
     batch_size: int = 64
     """Per step; every node sees the same batch. The last partial batch is dropped."""
     eval_batch_size: int = 500
+    """Batch size of the validation and test passes (no effect on the results)."""
     check_batch_every: int = 1
     """Compare every node's batch fingerprint with node 0's every N steps (0 = never)."""
     num_threads: int = 0
-    """torch intra-op threads per process (0 = leave torch's/torchrun's default)."""
+    """torch intra-op threads per process (0 = leave torch's/torchrun's default; torchrun
+    sets 1 when it starts more than one process)."""
     log_every: int = 0
     """With progress=lines: a line every N steps on rank 0 (0 = auto: ~5 per epoch when an
     epoch has >= 200 steps). On an accelerator, also how often the batch check is read."""
@@ -166,9 +178,13 @@ class LoggerConfig:
     mode: str = "offline"
     """wandb mode: offline (default; ``wandb sync`` later), online, disabled."""
     project: str = "ktg"
+    """wandb project."""
     entity: Optional[str] = None
+    """wandb entity (user or team); null = wandb's default."""
     group: Optional[str] = None
+    """wandb group of the run (a search groups its trials by the experiment)."""
     tags: list[str] = field(default_factory=list)
+    """wandb tags of the run."""
 
     def __post_init__(self) -> None:
         _choice(self.backend, LOGGERS, "logger.backend")
@@ -183,8 +199,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
+    """Seed of the models' initialisation, the batch order and the augmentation."""
     device: str = "auto"
-    """auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda."""
+    """auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda (one GPU per
+    node: cuda:LOCAL_RANK)."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl on cuda, gloo on cpu), gloo or nccl."""
     dist_timeout_s: float = 300.0
@@ -205,22 +223,62 @@ class RunConfig:
         Keys the trainer does not use (``hydra``, ``mode``, ...) are ignored at the top level;
         unknown keys inside a section are an error. Relative checkpoint paths are resolved
         against ``base_dir`` (default: the current directory)."""
-        sections = {"dataset": DatasetConfig, "optim": OptimConfig, "train": TrainConfig, "logger": LoggerConfig}
         kwargs: dict[str, Any] = {}
         if "graph" not in data:
             raise ConfigError("graph is missing: choose a preset with graph=<name> (see conf/graph/)")
         kwargs["graph"] = GraphSpec.from_dict(dict(data["graph"]))
         kwargs["graph"].resolve_paths(base_dir or os.getcwd())
-        for key, klass in sections.items():
+        for key, klass in SECTIONS.items():
             if key in data and data[key] is not None:
                 kwargs[key] = _build(klass, data[key], key)
-        for key in ("seed", "device", "backend", "dist_timeout_s"):
+        for key in TOP_LEVEL:
             if key in data:
                 kwargs[key] = data[key]
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"dataset": DatasetConfig, "optim": OptimConfig, "train": TrainConfig, "logger": LoggerConfig}
+"""RunConfig's sections (besides ``graph``): ``<section>.<key>`` on the command line."""
+TOP_LEVEL: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "graph" and f.name not in SECTIONS)
+"""RunConfig's top-level settings: seed, device, backend, dist_timeout_s."""
+
+
+def defaults_dict(sections: tuple[str, ...] = ("train",)) -> dict[str, Any]:
+    """The defaults of RunConfig's top-level settings and of ``sections``, as a plain mapping
+    (YAML-able values): the one source of the defaults that ``conf/config.yaml`` starts from
+    (``coordinator.hydra_conf`` registers it with hydra). Sections a config group provides
+    (dataset=, optim=, logger=, graph=) are left to their presets by default."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name in TOP_LEVEL:
+            out[f.name] = f.default
+    for name in sections:
+        out[name] = dataclasses.asdict(SECTIONS[name]())
+    return out
+
+
+def field_docs(klass: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass ``klass`` (its source's string
+    literal after the field), whitespace-normalised; fields without one are left out."""
+    return class_field_docs(ast.parse(textwrap.dedent(inspect.getsource(klass))), klass.__name__)
+
+
+def class_field_docs(tree: ast.AST, class_name: str) -> dict[str, str]:
+    """``field_docs`` from a parsed module or class source (the docs of a class whose module
+    is not to be imported)."""
+    docs: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            body = node.body
+            for stmt, nxt in zip(body, body[1:]):
+                if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                        and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                    docs[stmt.target.id] = " ".join(nxt.value.value.split())
+            break
+    return docs
 
 
 def _build(klass: type, data: Any, name: str) -> Any:

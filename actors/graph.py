@@ -40,9 +40,11 @@ class GraphSpec:
     """A knowledge transfer graph; validated on construction."""
 
     nodes: list[NodeSpec]
+    """The nodes, node 0 the target: each ``{model: <zoo name>, checkpoint: <path or null>}``."""
     gates: list[list[str]]
     """``gates[t][s]``: gate of edge s -> t (row = receiver); the diagonal is the label edge."""
     name: str = "graph"
+    """The graph's name, used in the run directory's name and the wandb run's."""
     temperature: float = 1.0
     """Softmax temperature T of the KL edges (loss is multiplied by T^2)."""
     loss: str = "kl"

@@ -3,11 +3,14 @@ group forms, so a bad input ends every rank the same way with one clear message.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
-from actors.checkpoint import load_model_weights
+import torch
+
 from actors.config import RunConfig
 from actors.data import Dataset, DatasetError, load_dataset
 from actors.errors import ConfigError
+from actors.files import load_model_weights
 from actors.models import build_model
 
 
@@ -18,6 +21,30 @@ def check_world_size(cfg: RunConfig, world_size: int) -> None:
             f"graph {cfg.graph.name!r} has {m} nodes but {world_size} process(es) were started: one process per node, "
             f"so run `torchrun --standalone --nproc_per_node={m} launch.py ...`"
         )
+
+
+def check_device(cfg: RunConfig, local_world_size: Optional[int] = None) -> None:
+    """``device=cuda`` and ``backend=nccl`` need a CUDA device here, and a CUDA run one GPU
+    per process on this machine. ``local_world_size``: the processes on this machine
+    (default: torchrun's ``LOCAL_WORLD_SIZE``; unknown, e.g. in a Ray actor that sees only
+    its own GPUs: not checked)."""
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise ConfigError("device=cuda: no CUDA device is visible here (torch.cuda.is_available() is false); "
+                          "use device=cpu, or device=auto (CUDA where there is one, else CPU)")
+    if cfg.backend == "nccl" and not cuda:
+        raise ConfigError("backend=nccl needs a CUDA device and none is visible here (torch.cuda.is_available() is false); "
+                          "use backend=gloo, or backend=auto (nccl on CUDA, gloo on CPU)")
+    if local_world_size is None and os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+        local_world_size = int(os.environ["LOCAL_WORLD_SIZE"])
+    if cuda and cfg.device in ("cuda", "auto") and local_world_size is not None:
+        gpus = torch.cuda.device_count()
+        if local_world_size > gpus:
+            picked = "device=cuda" if cfg.device == "cuda" else "device=auto (CUDA here)"
+            raise ConfigError(
+                f"{picked} needs one GPU per graph node, but {local_world_size} processes run on this machine and "
+                f"{gpus} CUDA device(s) are visible; use device=cpu, or run the graph where there are {local_world_size} GPUs"
+            )
 
 
 def load_data(cfg: RunConfig) -> Dataset:
@@ -68,6 +95,7 @@ def check_checkpoints(cfg: RunConfig, data: Dataset) -> None:
 def preflight(cfg: RunConfig, world_size: int) -> Dataset:
     """All input checks; returns the loaded (CPU) dataset for the worker to use."""
     check_world_size(cfg, world_size)
+    check_device(cfg)
     data = load_data(cfg)
     check_checkpoints(cfg, data)
     return data

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import time
 import traceback
@@ -18,7 +19,7 @@ from typing import Any, Optional
 from actors.config import RunConfig
 from actors.errors import ConfigError
 from actors.exchange import free_port
-from actors.preflight import check_world_size
+from actors.preflight import check_device, check_world_size
 
 
 def _child(cfg: RunConfig, run_dir: str, rank: int, world_size: int, port: int, results, caller: int) -> None:
@@ -33,8 +34,20 @@ def _child(cfg: RunConfig, run_dir: str, rank: int, world_size: int, port: int, 
                            watch_parent=caller)
         results.put((rank, "ok", summary))
     except BaseException as e:  # report, then exit non-zero
-        results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        results.put((rank, "error", _failure(e, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
         raise SystemExit(1)
+
+
+def _failure(e: BaseException, text: str) -> tuple[BaseException, str]:
+    """What a failed node sends its caller: the exception itself (a ConfigError is raised
+    again as it is), or, when it does not survive pickling, a RuntimeError with its text;
+    and the text with the traceback. Checked here: the queue pickles in a feeder thread,
+    where a failure would be lost and the node reported as exiting without a word."""
+    try:
+        pickle.loads(pickle.dumps(e))
+    except Exception:  # anything its pickling or unpickling raises: send the text instead
+        return RuntimeError(text.split("\n", 1)[0]), text
+    return e, text
 
 
 def run_local(cfg: RunConfig, run_dir: str | Path, timeout_s: Optional[float] = None) -> dict[str, Any]:
@@ -42,6 +55,7 @@ def run_local(cfg: RunConfig, run_dir: str | Path, timeout_s: Optional[float] = 
     Raises ``RuntimeError`` naming the failed node(s) when any process fails."""
     m = cfg.graph.num_nodes
     check_world_size(cfg, m)
+    check_device(cfg, local_world_size=m)  # all m processes on this machine
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -62,7 +76,8 @@ def run_local(cfg: RunConfig, run_dir: str | Path, timeout_s: Optional[float] = 
                 dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode is not None]
                 if dead:  # died without reporting (killed, crashed in C, ...)
                     for r in dead:
-                        outcomes[r] = ("error", f"process exited with code {procs[r].exitcode} without reporting")
+                        msg = f"process exited with code {procs[r].exitcode} without reporting"
+                        outcomes[r] = ("error", (None, msg))
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise RuntimeError(f"graph run timed out after {timeout_s}s; finished nodes: {sorted(outcomes)}")
@@ -75,9 +90,16 @@ def run_local(cfg: RunConfig, run_dir: str | Path, timeout_s: Optional[float] = 
                 p.join()
     failed = {r: o[1] for r, o in outcomes.items() if o[0] == "error"}
     if failed:
-        first = min(failed)
-        msg = failed[first]
-        if msg.startswith("ConfigError: "):
-            raise ConfigError(msg.split("\n", 1)[0][len("ConfigError: "):])
-        raise RuntimeError(f"node(s) {sorted(failed)} failed; node {first}: {msg}")
+        _raise_failure(failed)
     return outcomes[0][1]
+
+
+def _raise_failure(failed: dict[int, tuple[Optional[BaseException], str]]) -> None:
+    """The first failed node's ``ConfigError`` as it is (bad input: the node's own message,
+    as a launcher prints it); else a RuntimeError naming the failed nodes, with the first
+    one's error and traceback (that error is its ``__cause__``)."""
+    first = min(failed)
+    error, msg = failed[first]
+    if isinstance(error, ConfigError):
+        raise error
+    raise RuntimeError(f"node(s) {sorted(failed)} failed; node {first}: {msg}") from error

@@ -11,6 +11,10 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+from coordinator.hydra_conf import register_defaults  # noqa: E402
+
+register_defaults()  # conf/config.yaml's ktg_defaults, for the tests that compose with hydra's API
+
 
 @pytest.fixture
 def one_thread():

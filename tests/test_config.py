@@ -113,3 +113,44 @@ def test_paper_search_is_the_papers():
     s = search_config_from(OmegaConf.to_container(cfg, resolve=True)["search"])
     assert (s.grace_period, s.reduction_factor, s.max_epochs, s.num_samples) == (1, 2, 200, 1500)
     assert s.zoo == ["resnet32", "resnet110", "wrn28_2"] and s.gates == ["Through", "Cutoff", "Linear", "Correct"]
+
+
+def test_defaults_live_in_the_dataclasses_only():
+    """conf/config.yaml restates no default: the top-level options and train.* come from
+    RunConfig / TrainConfig (coordinator.hydra_conf), the presets and the command line
+    override them."""
+    import dataclasses
+
+    import yaml
+
+    from actors.config import TrainConfig
+
+    assert set(yaml.safe_load((CONF / "config.yaml").read_text())) == {"defaults", "hydra"}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        data = OmegaConf.to_container(compose(config_name="config", overrides=["logger=none"]))
+    run_defaults = RunConfig(graph=composed().graph)
+    assert {k: data[k] for k in ("seed", "device", "backend", "dist_timeout_s")} == {
+        k: getattr(run_defaults, k) for k in ("seed", "device", "backend", "dist_timeout_s")}
+    assert data["mode"] == "train"
+    cpu_recipe = {"epochs": 20, "batch_size": 64}  # conf/optim/cpu.yaml
+    assert data["train"] == {**dataclasses.asdict(TrainConfig()), **cpu_recipe}
+    assert composed("experiment=cifar100_ktg3_reimpl").train.precision == "bf16"  # a preset over a default
+    assert composed("experiment=cifar100_teacher", "train.batch_size=32").train.batch_size == 32  # the command line last
+
+
+def test_configuration_reference_is_current():
+    """docs/configuration.md is generated from the dataclasses: regenerate it with
+    `python -m coordinator.hydra_conf --write` after changing an option or its docstring."""
+    import dataclasses
+
+    from actors.config import SECTIONS, TOP_LEVEL, field_docs
+    from actors.graph import GraphSpec, NodeSpec
+    from coordinator.hydra_conf import DOCS, reference_markdown
+
+    for klass, names in [(RunConfig, TOP_LEVEL), *((k, None) for k in (*SECTIONS.values(), GraphSpec, NodeSpec))]:
+        names = names or [f.name for f in dataclasses.fields(klass)]
+        undocumented = [n for n in names if n not in field_docs(klass)]
+        assert not undocumented, f"{klass.__name__}: document {undocumented} (a docstring under the field)"
+    text = reference_markdown()
+    assert "## `search`" in text and "| `train.epochs` | `200` |" in text and "| `seed` | `0` |" in text
+    assert DOCS.read_text() == text, "docs/configuration.md is out of date: python -m coordinator.hydra_conf --write"

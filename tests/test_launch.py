@@ -1,9 +1,13 @@
 """End to end: the real `torchrun launch.py` command line, as a user types it."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -52,8 +56,10 @@ def test_bad_gate_is_refused_before_training(tmp_path):
 
 def test_unknown_preset_lists_the_available_ones(tmp_path):
     r = run([sys.executable, "launch.py", "graph=nope", f"hydra.run.dir={tmp_path}"])
-    assert r.returncode != 0
-    assert "Could not find 'graph/nope'" in r.stderr and "ktg3" in r.stderr
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: graph=nope: no such preset; available: dml, dml3, dml4, independent, kd, ktg3, resnet32, slides3, slides4, "
+        "teacher (or a graph .yaml file)"]
 
 
 def test_search_mode_needs_a_search_preset(tmp_path):
@@ -66,3 +72,42 @@ def test_search_mode_needs_a_search_preset(tmp_path):
 def test_missing_graph_file_is_named(tmp_path):
     r = run([sys.executable, "launch.py", f"graph={tmp_path}/nope.yaml"])
     assert r.returncode == 2 and f"error: graph file {tmp_path}/nope.yaml not found" in r.stderr
+
+
+def test_graph_file_that_is_not_yaml_is_named_with_the_place(tmp_path):
+    bad = tmp_path / "g.yaml"
+    bad.write_text("name: g\nnodes:\n  - {model: convnet}\n gates: [[Through]]\n")
+    r = run([sys.executable, "launch.py", f"graph={bad}"])
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: graph file {bad} is not valid YAML: expected <block end>, but found '<block mapping start>' (line 4, column 2)"]
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+PROJECT_FRAME = re.compile(r'File ".*/(launch\.py|actors/|coordinator/)')
+
+
+@NO_CUDA
+def test_cuda_on_a_machine_without_it_is_one_error_line(tmp_path):
+    r = run([sys.executable, "launch.py", "graph=teacher", "graph.nodes.0.model=convnet", "device=cuda", "logger=none",
+             f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        "error: device=cuda: no CUDA device is visible here (torch.cuda.is_available() is false); "
+        "use device=cpu, or device=auto (CUDA where there is one, else CPU)"]
+
+
+@NO_CUDA
+def test_nccl_on_a_machine_without_cuda_under_torchrun(tmp_path):
+    """Rank 0 says why, once; the ranks end with code 2 (but for any that torchrun stops first
+    once one has ended); torchrun then reports its failed workers (its own summary, exit code
+    1), as for any ConfigError under torchrun."""
+    r = run([TORCHRUN, "--standalone", "--nproc_per_node=2", "launch.py", "graph=dml", "graph.nodes.0.model=convnet",
+             "graph.nodes.1.model=convnet", "backend=nccl", "logger=none", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode != 0
+    err = r.stderr
+    assert err.count("error: backend=nccl needs a CUDA device and none is visible here") == 1, err[-3000:]
+    codes = re.findall(r"exitcode\s*: (-?\d+)", err)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, err[-3000:]  # the ConfigError exit (or torchrun's SIGTERM), no crash
+    assert not PROJECT_FRAME.search(err), err[-3000:]  # no traceback through the project's code
+    assert not (tmp_path / "summary.json").exists()
