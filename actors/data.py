@@ -226,7 +226,7 @@ def _load_tiny_imagenet(root: str, download: bool) -> tuple[Split, Split]:
         "test_y": torch.tensor(test_y, dtype=torch.int64),
     }
     try:  # cache the decoded tensors (atomically) so later runs skip 110k JPEG decodes
-        from actors.checkpoint import atomic_save
+        from actors.files import atomic_save
 
         atomic_save(d, cache)
     except OSError:

@@ -1,12 +1,14 @@
 """File primitives for run outputs: atomic writes (a crash mid-write never leaves a
-truncated file behind) with the permissions of any other file the user writes, and the
-safe reading of a model checkpoint (``weights_only``: a planted file cannot run code)."""
+truncated file behind) with the permissions of any other file the user writes, the safe
+reading of a model checkpoint (``weights_only``: a planted file cannot run code), and
+``NodeStateFiles``: what a node's worker is handed to write its state (the run
+directory's layout is the coordinator's, ``coordinator.rundir``)."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Protocol
 
 import torch
 
@@ -71,3 +73,15 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj, {}
     raise ValueError(f"{path} holds neither a node checkpoint nor a state_dict")
+
+
+class NodeStateFiles(Protocol):
+    """Where one node's state goes; the worker calls these and knows no paths."""
+
+    def save_epoch(self, epoch: int, state: dict[str, Any]) -> Path:
+        """This node's share of the group checkpoint after ``epoch`` epochs."""
+        ...
+
+    def save_final(self, state: dict[str, Any]) -> Path:
+        """This node's final state."""
+        ...

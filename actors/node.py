@@ -8,12 +8,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from actors.checkpoint import load_model_weights
+from actors.config import OptimConfig
+from actors.files import load_model_weights
 from actors.gates import GATES, gate_progress
+from actors.graph import GraphSpec
 from actors.losses import EDGE_LOSSES, label_loss
 from actors.models import build_model
 
@@ -72,7 +74,7 @@ class GraphNode:
     step (``zero_loss``), as both reference codes skip it.
     """
 
-    def __init__(self, index: int, graph, num_classes: int, in_channels: int, optim, epochs: int,
+    def __init__(self, index: int, graph: GraphSpec, num_classes: int, in_channels: int, optim: OptimConfig, epochs: int,
                  steps_per_epoch: int, seed: int, device: torch.device, precision: str = "fp32",
                  channels_last: bool = False, compile: bool = False):
         self.index = index
@@ -175,27 +177,29 @@ class GraphNode:
             for s, gate, _ in self.edges
         ]).detach()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.scheduler.step()
-
     def zero_loss(self, loss: torch.Tensor) -> bool:
         """With ``graph.skip_zero_loss``: is this step's whole loss exactly 0 (its update is
         then skipped)? Reads the loss (a host sync) only when the option is on."""
         return self.skip_zero_loss and loss.item() == 0.0
 
-    def update(self, loss: torch.Tensor) -> None:
-        """Backward and optimiser step (the step's part 5), or, for a zero loss under
-        ``graph.skip_zero_loss``, the schedule's advance only."""
+    def update(self, loss: torch.Tensor, mark: Optional[Callable[[str], None]] = None) -> bool:
+        """The step's part 5: backward and optimiser step (the schedule advances with it),
+        or, for a zero loss under ``graph.skip_zero_loss``, the schedule's advance only.
+        Returns whether the parameters were updated. ``mark(part)`` is called after the
+        backward ("backward") and after the optimiser step ("optimizer"): the benchmark's
+        step timer."""
         if self.zero_loss(loss):
             self.skip_update()
-            return
-        self.backward(loss)
-        self.step()
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if mark is not None:
+            mark("backward")
+        self.optimizer.step()
+        self.scheduler.step()
+        if mark is not None:
+            mark("optimizer")
+        return True
 
     def skip_update(self) -> None:
         """A skipped step (non-finite loss, or a zero loss under ``graph.skip_zero_loss``):

@@ -9,18 +9,24 @@ One training step of node t (of M), each part named as in the design:
 3. exchange  one all-gather of {logits, batch fingerprint} -> every node's logits [M, B, C]
 4. loss      sum over incoming edges s->t of gate(loss_edge(p_s, logits_t, y), progress)
 5. update    backward + optimiser step, locally (no gradient crosses processes)
+
+``NodeWorker._step`` is that step; ``EpochTotals`` its running sums on the device.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Optional
 
 import torch
 
 from actors.batch_order import DX, DY, FLIP, PERM, BatchOrder, batch_fingerprint
+from actors.config import RunConfig
 from actors.data import Dataset, Split, augment, to_float
 from actors.errors import BatchMismatchError, NonFiniteLossError
 from actors.exchange import DistEnv, Exchange
+from actors.files import NodeStateFiles
+from actors.metrics import NodeEpochMetrics
 from actors.node import GraphNode
 from actors.progress import EpochProgress
 from actors.timing import NO_TIMER
@@ -45,7 +51,7 @@ class BatchMaker:
         return x, self.split.y[idx]
 
 
-def build_batch_maker(cfg, data: Dataset, device: torch.device) -> BatchMaker:
+def build_batch_maker(cfg: RunConfig, data: Dataset, device: torch.device) -> BatchMaker:
     mean = std = None
     if cfg.dataset.normalize:
         mean = torch.tensor(data.info.mean, device=device)
@@ -54,17 +60,17 @@ def build_batch_maker(cfg, data: Dataset, device: torch.device) -> BatchMaker:
                       cfg.dataset.pad_mode)
 
 
-def build_batch_order(cfg, data: Dataset) -> BatchOrder:
+def build_batch_order(cfg: RunConfig, data: Dataset) -> BatchOrder:
     return BatchOrder(len(data.train), cfg.train.batch_size, cfg.seed, cfg.dataset.crop_pad, cfg.dataset.flip)
 
 
-def steps_per_epoch(cfg, order: BatchOrder) -> int:
+def steps_per_epoch(cfg: RunConfig, order: BatchOrder) -> int:
     """Steps of one epoch: the whole plan, or ``train.max_steps_per_epoch`` of it."""
     cap = cfg.train.max_steps_per_epoch
     return min(order.steps_per_epoch, cap) if cap else order.steps_per_epoch
 
 
-def build_node(cfg, data: Dataset, index: int, steps_per_epoch: int, device: torch.device) -> GraphNode:
+def build_node(cfg: RunConfig, data: Dataset, index: int, steps_per_epoch: int, device: torch.device) -> GraphNode:
     return GraphNode(index, cfg.graph, data.info.num_classes, data.info.in_channels, cfg.optim,
                      cfg.train.epochs, steps_per_epoch, cfg.seed, device, cfg.train.precision,
                      cfg.train.channels_last, cfg.train.compile)
@@ -89,14 +95,76 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(1) == y).float().mean().item() * 100.0
 
 
+class EpochTotals:
+    """One epoch's running sums of a node, kept on its device (no host sync in the step):
+    loss, each incoming edge's gated loss and gate weight, correct predictions; the first
+    non-finite step and its edges; the first step whose batches differed and the nodes
+    that held another batch than node 0. Read once, at the end of the epoch."""
+
+    def __init__(self, num_edges: int, num_nodes: int, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.edge_loss = torch.zeros(num_edges, device=device)
+        self.gate_weight = torch.zeros(num_edges, device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.trained = 0  # steps whose loss was computed and not skipped (host counter)
+        self.skipped = 0  # steps skipped for a non-finite loss (train.nonfinite=skip)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_edges = torch.zeros(num_edges, dtype=torch.bool, device=device)
+        self.mismatch_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.mismatch_nodes = torch.zeros(num_nodes, dtype=torch.bool, device=device)
+
+    def add(self, loss: torch.Tensor, terms: torch.Tensor, weights: torch.Tensor) -> None:
+        self.loss += loss.detach()
+        self.edge_loss += terms
+        self.gate_weight += weights
+        self.trained += 1
+
+    def mean_loss(self) -> float:
+        """The epoch's mean loss so far (a host sync: progress lines only)."""
+        return self.loss.item() / max(1, self.trained)
+
+    def track_nonfinite(self, step: int, terms: torch.Tensor) -> None:
+        """Remember the first step at which some edge's gated loss was NaN/inf, and which."""
+        finite = torch.isfinite(terms)
+        newly = (self.first_bad < 0) & ~finite.all()
+        self.first_bad = torch.where(newly, step, self.first_bad)
+        self.bad_edges = torch.where(newly, ~finite, self.bad_edges)
+
+    def track_batches(self, step: int, fingerprints: torch.Tensor) -> None:
+        """Remember the first step at which some node's batch fingerprint differed from
+        node 0's, and which nodes."""
+        differ = (fingerprints != fingerprints[0]).any(dim=1)
+        newly = (self.mismatch_step < 0) & differ.any()
+        self.mismatch_step = torch.where(newly, step, self.mismatch_step)
+        self.mismatch_nodes = torch.where(newly, differ, self.mismatch_nodes)
+
+    def mismatch(self) -> Optional[tuple[int, list[int]]]:
+        """(step, nodes) of the first batch mismatch, or None (a host sync)."""
+        step = int(self.mismatch_step)
+        return None if step < 0 else (step, [i for i, b in enumerate(self.mismatch_nodes.tolist()) if b])
+
+    def metrics(self, worker: "NodeWorker", epoch: int, train_time_s: float) -> NodeEpochMetrics:
+        node, n = worker.node, worker.steps_per_epoch
+        trained = max(1, n - self.skipped)
+        return NodeEpochMetrics(
+            epoch=epoch, node=worker.index, model=node.model_name, frozen=node.frozen,
+            train_loss=self.loss.item() / trained if not node.frozen else None,
+            train_acc=self.correct.item() * 100.0 / (n * worker.cfg.train.batch_size),
+            lr=node.lr, skipped_steps=self.skipped, train_time_s=train_time_s,
+            edges=[(s, g) for s, _, g in node.edges],
+            edge_loss=[v / trained for v in self.edge_loss.tolist()],
+            gate_weight=[v / trained for v in self.gate_weight.tolist()],
+        )
+
+
 class NodeWorker:
     """Graph node ``env.rank`` of a group of ``env.world_size`` processes."""
 
-    def __init__(self, cfg, env: DistEnv, exchange: Exchange, data: Dataset, files=None):
-        """``files``: where this node's state goes (``save_epoch(epoch, state)`` for the group
-        checkpoint, ``save_final(state)``), e.g. ``coordinator.rundir.NodeFiles``; None
+    def __init__(self, cfg: RunConfig, env: DistEnv, exchange: Exchange, data: Dataset, files: Optional[NodeStateFiles] = None):
+        """``files``: where this node's state goes (the run directory's ``NodeFiles``); None
         writes nothing."""
         self.cfg, self.env, self.exchange = cfg, env, exchange
+        self.skip_nonfinite = cfg.train.nonfinite == "skip"
         self.index = env.rank
         self.device = env.device
         self.files = files
@@ -124,151 +192,107 @@ class NodeWorker:
             plan = torch.empty(self.order.num_samples, 4, dtype=torch.int64, device=self.device)
         return self.exchange.broadcast(plan, src=0)
 
-    def _track_batches(self, fingerprints: torch.Tensor) -> None:
-        """Remember (on the device, no sync) the first step at which some node's batch
-        fingerprint differed from node 0's, and which nodes."""
-        differ = (fingerprints != fingerprints[0]).any(dim=1)
-        newly = (self._mismatch_step < 0) & differ.any()
-        self._mismatch_step = torch.where(newly, self.step + 1, self._mismatch_step)
-        self._mismatch_nodes = torch.where(newly, differ, self._mismatch_nodes)
+    def train_epoch(self, epoch: int) -> NodeEpochMetrics:
+        """One pass over the training set's plan for ``epoch``: the five steps, k times.
 
-    def _raise_on_mismatch(self) -> None:
-        """Read the mismatch tracked on an accelerator (a host sync): at progress lines and
-        at the end of the epoch."""
-        step = int(self._mismatch_step)
-        if step >= 0:
-            self._mismatch_error(step, [i for i, b in enumerate(self._mismatch_nodes.tolist()) if b])
-
-    def _check_batch(self, fingerprints: torch.Tensor) -> None:
-        differ = (fingerprints != fingerprints[0]).any(dim=1).tolist()
-        if any(differ):
-            self._mismatch_error(self.step + 1, [i for i, b in enumerate(differ) if b])
-
-    def _mismatch_error(self, step: int, nodes: list[int]) -> None:
-        raise BatchMismatchError(
-            f"node(s) {nodes} hold a different batch than node 0 at step {step}; a node has drifted "
-            "from the coordinator's batch order, so the run stops instead of training on mismatched batches"
-        )
-
-    def train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One pass over the training set's plan for ``epoch``. Returns this node's metrics.
-
-        No host-device synchronisation inside the step (on an accelerator): losses, edge
-        terms, accuracy, NaN and batch-mismatch tracking all stay on the device and are read
-        at progress lines (every ``train.log_every`` steps) and at the end of the epoch. The
-        exceptions: ``train.nonfinite=skip`` reads each step's loss, and an attached
-        ``StepTimer`` (benchmark) synchronises to time each part."""
-        cfg, node, tm = self.cfg, self.node, self.timer
+        No host-device synchronisation inside the step (on an accelerator): the running
+        sums, NaN and batch-mismatch tracking stay on the device (``EpochTotals``) and are
+        read at progress lines (every ``train.log_every`` steps) and at the end of the
+        epoch. The exceptions: ``train.nonfinite=skip`` reads each step's loss, and an
+        attached ``StepTimer`` (benchmark) synchronises to time each part."""
+        cfg = self.cfg
         t0 = time.perf_counter()
         plan = self._epoch_plan(epoch)
-        m = len(self.cfg.graph.nodes)
-        loss_sum = torch.zeros((), device=self.device)
-        edge_sum = torch.zeros(len(node.edges), device=self.device)
-        weight_sum = torch.zeros(len(node.edges), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        # first non-finite step of this epoch and its edges, tracked on the device (no sync)
-        first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
-        bad_edges = torch.zeros(len(node.edges), dtype=torch.bool, device=self.device)
-        self._mismatch_step = torch.full((), -1, dtype=torch.int64, device=self.device)
-        self._mismatch_nodes = torch.zeros(m, dtype=torch.bool, device=self.device)
-        on_host = self.device.type == "cpu"
-        skip = cfg.train.nonfinite == "skip"
-        skipped = 0
-        every = cfg.train.check_batch_every
+        totals = EpochTotals(len(self.node.edges), cfg.graph.num_nodes, self.device)
         if self.first_step_at is None:
             self.first_step_at = time.time()
         bar = None
         if self.index == 0 and cfg.train.progress != "off":
-            done = self.step  # loss_sum covers the steps of this epoch only
             bar = EpochProgress(cfg.train.progress, epoch + 1, cfg.train.epochs, self.steps_per_epoch,
-                                cfg.train.batch_size, self.log_every,
-                                read_loss=lambda: loss_sum.item() / max(1, self.step - done - skipped),
-                                loss_is_free=on_host)
+                                cfg.train.batch_size, self.log_every, read_loss=totals.mean_loss,
+                                loss_is_free=self.device.type == "cpu")
         for k in range(self.steps_per_epoch):
-            tm.start()
-            rows = self.order.batch(plan, k)
-            x, y = self.batches(rows)                                   # 1. batch
-            tm.mark("batch")
-            logits = node.forward(x)                                    # 2. forward
-            tm.mark("forward")
-            payload = {"logits": logits.detach()}
-            check = every > 0 and self.step % every == 0
-            if check:
-                payload["batch"] = batch_fingerprint(rows, x, y, self.step)
-            if tm.enabled:
-                payload["arrival"] = tm.arrival(self.device)
-            got = self.exchange.all_gather(payload)                     # 3. exchange
-            tm.exchanged(got.get("arrival"))
-            if check:
-                if on_host:  # reading the fingerprints costs nothing on the CPU: check at once
-                    self._check_batch(got["batch"])
-                else:
-                    self._track_batches(got["batch"])
-            self.step += 1
-            if not node.frozen:
-                progress = node.progress(self.step)  # the one helper the reference uses too
-                loss, terms = node.loss(logits, got["logits"], y, progress)  # 4. loss
-                weights = node.gate_weights(got["logits"], y, progress)
-                tm.mark("loss")
-                if skip and not torch.isfinite(loss).item():  # host sync, only in skip mode
-                    skipped += 1
-                    node.skip_update()
-                elif node.zero_loss(loss):  # graph.skip_zero_loss: a loss of exactly 0 takes no step
-                    node.skip_update()
-                    edge_sum += terms
-                    weight_sum += weights
-                else:
-                    if not skip:
-                        finite = torch.isfinite(terms)
-                        newly = (first_bad < 0) & ~finite.all()
-                        first_bad = torch.where(newly, self.step, first_bad)
-                        bad_edges = torch.where(newly, ~finite, bad_edges)
-                    node.backward(loss)                                 # 5. update
-                    tm.mark("backward")
-                    node.step()
-                    tm.mark("optimizer")
-                    loss_sum += loss.detach()
-                    edge_sum += terms
-                    weight_sum += weights
-            correct += (logits.detach().argmax(1) == y).sum()
-            tm.end_step()
-            if self.log_every and (k + 1) % self.log_every == 0 and not on_host:
-                self._raise_on_mismatch()
+            self._step(plan, k, totals)
+            if self.log_every and (k + 1) % self.log_every == 0 and self.device.type != "cpu":
+                self._raise_on_mismatch(totals)
             if bar is not None:
                 bar.update(k + 1)
         if bar is not None:
             bar.close()
         self.epoch = epoch + 1
-        n = self.steps_per_epoch
-        self._raise_on_mismatch()
-        self._check_finite(first_bad, bad_edges, epoch)
-        trained = max(1, n - skipped)
-        edges = {f"edge_{s}_to_{self.index}_{g}": v / trained for (s, _, g), v in zip(node.edges, edge_sum.tolist())}
-        weights = {f"gate_{s}_to_{self.index}_{g}": v / trained for (s, _, g), v in zip(node.edges, weight_sum.tolist())}
-        return {
-            "epoch": epoch + 1,
-            "node": self.index,
-            "model": node.model_name,
-            "frozen": node.frozen,
-            "train_loss": loss_sum.item() / trained if not node.frozen else None,
-            "train_acc": correct.item() * 100.0 / (n * cfg.train.batch_size),
-            "lr": node.lr,
-            "skipped_steps": skipped,
-            "train_time_s": time.perf_counter() - t0,
-            **edges,
-            **weights,
-        }
+        self._raise_on_mismatch(totals)
+        self._check_finite(totals, epoch)
+        return totals.metrics(self, epoch + 1, time.perf_counter() - t0)
 
-    def _check_finite(self, first_bad: torch.Tensor, bad_edges: torch.Tensor, epoch: int) -> None:
+    def _step(self, plan: torch.Tensor, k: int, totals: "EpochTotals") -> None:
+        """Step k of the epoch (the global step ``self.step + 1``)."""
+        node, tm = self.node, self.timer
+        tm.start()
+        rows = self.order.batch(plan, k)
+        x, y = self.batches(rows)                                       # 1. batch
+        tm.mark("batch")
+        logits = node.forward(x)                                        # 2. forward
+        tm.mark("forward")
+        all_logits = self._exchange(rows, x, y, logits, totals)         # 3. exchange
+        self.step += 1
+        if not node.frozen:
+            progress = node.progress(self.step)  # the one helper the reference uses too
+            loss, terms = node.loss(logits, all_logits, y, progress)   # 4. loss
+            weights = node.gate_weights(all_logits, y, progress)
+            tm.mark("loss")
+            if self.skip_nonfinite and not torch.isfinite(loss).item():  # host sync, only in skip mode
+                totals.skipped += 1
+                node.skip_update()
+            else:
+                if not self.skip_nonfinite:
+                    totals.track_nonfinite(self.step, terms)
+                node.update(loss, mark=tm.mark)                         # 5. update
+                totals.add(loss, terms, weights)
+        totals.correct += (logits.detach().argmax(1) == y).sum()
+        tm.end_step()
+
+    def _exchange(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
+                  totals: "EpochTotals") -> torch.Tensor:
+        """The one all-gather of the step: every node's detached logits [M, B, C], and, every
+        ``train.check_batch_every`` steps, every node's batch fingerprint, compared with
+        node 0's (at once on the CPU, where reading costs nothing; on an accelerator
+        tracked on the device and read at progress lines and at the end of the epoch)."""
+        tm = self.timer
+        payload = {"logits": logits.detach()}
+        every = self.cfg.train.check_batch_every
+        check = every > 0 and self.step % every == 0
+        if check:
+            payload["batch"] = batch_fingerprint(rows, x, y, self.step)
+        if tm.enabled:
+            payload["arrival"] = tm.arrival(self.device)
+        got = self.exchange.all_gather(payload)
+        tm.exchanged(got.get("arrival"))
+        if check:
+            totals.track_batches(self.step + 1, got["batch"])
+            if self.device.type == "cpu":
+                self._raise_on_mismatch(totals)
+        return got["logits"]
+
+    def _raise_on_mismatch(self, totals: "EpochTotals") -> None:
+        """Read the batch mismatch tracked so far (a host sync on an accelerator)."""
+        found = totals.mismatch()
+        if found is not None:
+            step, nodes = found
+            raise BatchMismatchError(
+                f"node(s) {nodes} hold a different batch than node 0 at step {step}; a node has drifted "
+                "from the coordinator's batch order, so the run stops instead of training on mismatched batches"
+            )
+
+    def _check_finite(self, totals: "EpochTotals", epoch: int) -> None:
         """One small all-gather per epoch: if any node's loss went NaN/inf, every node raises
         the same error, naming the node, step and edges where it started, so the whole group
         stops together."""
-        m = len(self.cfg.graph.nodes)
+        m = self.cfg.graph.num_nodes
         mask = torch.zeros(m, dtype=torch.int64, device=self.device)  # which sources' edges were bad
         if len(self.node.edges):
             src = torch.tensor([s for s, _, _ in self.node.edges], device=self.device)
-            mask[src] = bad_edges.to(torch.int64)
-        info = torch.cat([first_bad.reshape(1), mask])
+            mask[src] = totals.bad_edges.to(torch.int64)
+        info = torch.cat([totals.first_bad.reshape(1), mask])
         every = self.exchange.all_gather({"bad": info})["bad"].tolist()
         bad = [(row[0], i, row[1:]) for i, row in enumerate(every) if row[0] >= 0]
         if bad:
@@ -280,11 +304,13 @@ class NodeWorker:
                 + "; lower optim.lr, or set train.nonfinite=skip to skip such steps"
             )
 
-    def run_epoch(self, epoch: int) -> dict[str, Any]:
-        """Train one epoch and evaluate: this node's row of the epoch's metrics."""
+    def run_epoch(self, epoch: int, checkpoint: bool = False) -> NodeEpochMetrics:
+        """Train one epoch and evaluate; with ``checkpoint``, then write this node's share of
+        the group checkpoint. Returns this node's metrics of the epoch."""
         metrics = self.train_epoch(epoch)
-        metrics.update(self.evaluate())
-        metrics["_first_step_at"] = self.first_step_at  # "_": for the driver, not recorded
+        metrics = dataclasses.replace(metrics, **self.evaluate(), first_step_at=self.first_step_at)
+        if checkpoint:
+            self.save_group_checkpoint()
         return metrics
 
     # --- evaluation -----------------------------------------------------------------------------

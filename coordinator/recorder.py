@@ -9,6 +9,8 @@ import logging
 import time
 from typing import Any, Optional
 
+from actors.config import RunConfig
+from actors.metrics import EDGE_LOSS, NodeEpochMetrics, parse_edge_key
 from coordinator.rundir import RunDir
 
 log = logging.getLogger("ktg")
@@ -31,9 +33,10 @@ def wandb_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for k, v in r.items():
             if k in ("epoch", "node", "model", "frozen") or v is None or k.startswith("ensemble"):
                 continue
-            if k.startswith(("edge_", "gate_")):
-                kind, s, _, t, gate = k.split("_", 4)  # edge_<s>_to_<t>_<Gate>
-                data[f"{'edge_loss' if kind == 'edge' else 'gate_weight'}/{s}->{t} {gate}"] = v
+            edge = parse_edge_key(k)
+            if edge is not None:
+                group = "edge_loss" if edge.kind == EDGE_LOSS else "gate_weight"
+                data[f"{group}/{edge.source}->{edge.target} {edge.gate}"] = v
             else:
                 data[f"node{r['node']}/{k}"] = v
     return {k: v for k, v in data.items() if v is not None}
@@ -43,7 +46,7 @@ class RunRecorder:
     """Rank 0's record of one run in its ``RunDir``. ``history``: the metrics rows of the
     epochs already done (a resumed run), one list of rows (by node) per epoch."""
 
-    def __init__(self, cfg, run_dir: RunDir, config_dict: dict[str, Any], wandb_name: Optional[str] = None,
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, config_dict: dict[str, Any], wandb_name: Optional[str] = None,
                  history: Optional[list[list[dict[str, Any]]]] = None):
         self.cfg = cfg
         self.run_dir = run_dir
@@ -79,10 +82,9 @@ class RunRecorder:
         except Exception as e:  # a picture must never stop a training run
             log.warning(f"could not draw the graph for wandb: {type(e).__name__}: {e}")
 
-    def log_epoch(self, rows: list[dict[str, Any]]) -> None:
-        """``rows``: one metrics dict per node for the epoch just finished (keys starting
-        with "_" are for the driver and are not recorded)."""
-        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    def log_epoch(self, metrics: list[NodeEpochMetrics]) -> None:
+        """``metrics``: every node's, by node, for the epoch just finished."""
+        rows = [m.record() for m in metrics]
         self.history.append(rows)
         self.train_time += max(r["train_time_s"] for r in rows)
         self.run_dir.append_metrics(rows)

@@ -1,8 +1,9 @@
 """Drive one graph node's process through a whole run (the torchrun path).
 
-``run_node`` is what every rank executes: the run directory's lock (rank 0), preflight
-checks, process group, worker, the agreed start (fresh or resumed, ``RunDir.start``), the
-epoch loop, per-epoch metrics gathered to rank 0, checkpoints, and teardown in ``finally``.
+``run_node`` is what every rank executes: the run directory's lock (rank 0), the node's
+start-up (``actors.start.start_node``: preflight, process group, worker), the agreed start
+(fresh or resumed, ``RunDir.start``), the epoch loop (``coordinator.epochs``), and teardown
+in ``finally``.
 """
 from __future__ import annotations
 
@@ -10,17 +11,40 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from actors.config import RunConfig
-from actors.exchange import Exchange, init_distributed, shutdown
+from actors.exchange import shutdown
 from actors.lifeline import exit_with_parent
-from actors.preflight import preflight
+from actors.metrics import NodeEpochMetrics
+from actors.start import start_node
 from actors.worker import NodeWorker
+from coordinator.epochs import drive_epochs
 from coordinator.recorder import RunRecorder
 from coordinator.rundir import RunDir
 
 log = logging.getLogger("ktg")
+
+
+class TorchrunGroup:
+    """One rank's view of its torchrun group: its own node, every node's metrics on rank 0
+    (gathered), and rank 0 committing the group checkpoints in the run directory."""
+
+    def __init__(self, worker: NodeWorker, run_dir: RunDir, keep_checkpoints: int):
+        self.worker, self.run_dir, self.keep = worker, run_dir, keep_checkpoints
+        self.steps_per_epoch = worker.steps_per_epoch
+
+    def run_epoch(self, epoch: int, checkpoint: bool) -> Optional[list[NodeEpochMetrics]]:
+        metrics = self.worker.run_epoch(epoch, checkpoint)
+        every = self.worker.exchange.gather_objects(metrics)  # also the barrier: every node has saved
+        return every if self.worker.index == 0 else None
+
+    def commit_checkpoint(self, epochs_done: int) -> Optional[Path]:
+        if self.worker.index != 0:
+            return None
+        self.run_dir.mark_complete(epochs_done, self.worker.env.world_size, self.keep)
+        return self.run_dir.epoch_dir(epochs_done)
+
+    def save_final(self) -> None:
+        self.worker.save_checkpoint()
 
 
 def run_node(cfg: RunConfig, run_dir: str | Path, rank: int, world_size: int, local_rank: int,
@@ -31,45 +55,31 @@ def run_node(cfg: RunConfig, run_dir: str | Path, rank: int, world_size: int, lo
     early as the process could: end this process as soon as that launcher is gone."""
     if watch_parent is not None:
         exit_with_parent(watch_parent, who=f"rank {rank}")
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
     rd = RunDir(run_dir)
     if rank == 0:
         rd.lock()  # a second run into the directory is refused here, before anything else
     else:
         rd.prepare()
     try:
-        data = preflight(cfg, world_size)  # raises ConfigError before any collective
-        env = init_distributed(rank, world_size, local_rank, init_method, cfg.device, cfg.backend, cfg.dist_timeout_s)
+        worker = start_node(cfg, rank, world_size, local_rank, init_method, rd.node_files(rank))
         recorder = None
         try:
-            exchange = Exchange(env)
-            worker = NodeWorker(cfg, env, exchange, data, rd.node_files(rank))
+            exchange = worker.exchange
             start = rd.start(cfg, rank, worker.node.model_name, config_dict or cfg.to_dict(),
                              exchange.gather_objects, exchange.broadcast_object)
             if start.state is not None:
                 worker.load_state(start.state)
             if rank == 0:
+                data = worker.data
                 log.info(cfg.graph.describe())
                 log.info(f"dataset {data.name}: {len(data.train)} train / {len(data.val) if data.val else 0} val / "
                          f"{len(data.test)} test; {worker.steps_per_epoch} steps of {cfg.train.batch_size} per epoch; "
-                         f"{world_size} processes, backend {env.backend}, device {env.device.type}")
+                         f"{world_size} processes, backend {worker.env.backend}, device {worker.env.device.type}")
                 if start.epoch:
                     log.info(f"resuming from the group checkpoint of epoch {start.epoch} in {rd.path / 'checkpoints'}")
                 recorder = RunRecorder(cfg, rd, config_dict or cfg.to_dict(), history=start.history)
-            every = cfg.train.checkpoint_every
-            for epoch in range(start.epoch, cfg.train.epochs):
-                metrics = worker.run_epoch(epoch)
-                due = every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs)
-                if due:
-                    worker.save_group_checkpoint()
-                rows = exchange.gather_objects(metrics)  # also the barrier: every node has saved
-                if recorder is not None:
-                    recorder.log_epoch(rows)  # rows first: a crash before the marker moves leaves rows a resume trims
-                    if due:
-                        rd.mark_complete(epoch + 1, world_size, cfg.train.keep_checkpoints)
-            worker.save_checkpoint()
-            summary = recorder.finish(worker.steps_per_epoch) if recorder is not None else None
+            group = TorchrunGroup(worker, rd, cfg.train.keep_checkpoints)
+            summary = drive_epochs(group, start.epoch, cfg.train.epochs, cfg.train.checkpoint_every, recorder)
             exchange.barrier()
             return summary
         finally:

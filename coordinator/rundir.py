@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from actors.checkpoint import atomic_save, atomic_write_text, load_state
 from actors.config import RunConfig
 from actors.errors import ConfigError
+from actors.files import atomic_save, atomic_write_text, load_state
 
 log = logging.getLogger("ktg")
 
@@ -86,6 +86,10 @@ class RunDir:
 
     def __str__(self) -> str:
         return str(self.path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Handed to another process (a node's ``NodeFiles``): the path, never the lock."""
+        return {"path": self.path, "_lock_fd": None}
 
     def node_files(self, index: int) -> NodeFiles:
         return NodeFiles(self, index)

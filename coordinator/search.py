@@ -27,7 +27,6 @@ import logging
 import os
 import pickle
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +35,9 @@ from typing import Any, Optional
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-from actors.checkpoint import atomic_write_text
 from actors.config import RunConfig, _build
 from actors.errors import ConfigError
+from actors.files import atomic_write_text
 from actors.gates import GATES, is_cutoff
 from actors.models import MODELS
 
@@ -66,7 +65,9 @@ NOT_TRAINING = ("dataset.root", "dataset.download")
 @dataclass
 class SearchConfig:
     name: str = "search"
+    """The experiment's name: its folder is <storage>/<time>-<name>-<dataset>."""
     num_nodes: int = 3
+    """M, the nodes of every sampled graph (node 0 is the target)."""
     target_model: str = "resnet32"
     """Node 0's model: fixed, not searched."""
     zoo: list[str] = field(default_factory=lambda: ["resnet32", "resnet110", "wrn28_2"])
@@ -79,17 +80,21 @@ class SearchConfig:
     frozen: str = "teachers"
     """teachers: a frozen node loads <teachers_dir>/<model>/node0.pt; exclude: never sample one."""
     teachers_dir: str = "teachers"
+    """Where frozen teachers are found: <teachers_dir>/<model>/node0.pt (a run of graph=teacher)."""
     num_samples: int = 1500
     """Number of trials (graphs)."""
     max_epochs: int = 200
     """ASHA's max_t; every trial's schedule is laid out over this many epochs."""
     grace_period: int = 1
+    """ASHA: epochs every trial trains before it can be stopped (the paper: 1)."""
     reduction_factor: int = 2
+    """ASHA: the top 1/reduction_factor of the trials at a rung go on (the paper: 2)."""
     searcher: str = "random"
     """random (the paper) or optuna (TPE, model-based; needs `pip install optuna`)."""
     max_concurrent: int = 0
     """Trials at once (0 = as many as the resources allow)."""
     cpus_per_node: float = 1.0
+    """Logical CPUs each node actor reserves (the trial's driver reserves 1 more)."""
     gpus_per_node: Optional[float] = None
     """GPUs per node actor; null = 1 if the Ray cluster has GPUs, else 0."""
     num_cpus: Optional[int] = None
@@ -110,6 +115,7 @@ class SearchConfig:
     dataset_name: Optional[str] = None
     """Set by the launcher: lets an exported graph's teacher paths follow ${dataset.name}."""
     verbose: int = 1
+    """The console: 1 (default) a line per ended trial and a status line every 30 s; 0 none of them."""
 
     def __post_init__(self) -> None:
         if self.models is not None:
@@ -258,11 +264,11 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 
 def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfig, experiment: str) -> None:
     """Tune function trainable: train the sampled graph as M Ray actors, report each epoch."""
-    import torch
     from ray import tune
     from ray.util import get_current_placement_group
 
-    from actors.checkpoint import load_state
+    from actors.files import load_state
+    from coordinator.epochs import EpochReport, drive_epochs
     from coordinator.group import ActorGroup
     from coordinator.recorder import RunRecorder
     from coordinator.rundir import RunDir
@@ -301,26 +307,20 @@ def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfi
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     group = ActorGroup(cfg, str(run_dir), get_current_placement_group(), space.cpus_per_node, gpus, states)
     recorder = RunRecorder(cfg, run_dir, cfg_dict, wandb_name=f"{experiment}-{trial_id}", history=history)
+
+    def report(r: EpochReport) -> None:
+        """The trial's report to Tune: the target's val accuracy (ASHA's metric), and the
+        group checkpoint when one was written."""
+        target = r.metrics[0]
+        metrics = {METRIC: target.val_acc if target.val_acc is not None else 0.0, "epoch": r.epoch,
+                   "ensemble_val_acc": target.ensemble_val_acc, "train_loss": target.train_loss}
+        if r.first:
+            metrics["launch_overhead_s"] = target.first_step_at - t_start
+        checkpoint = tune.Checkpoint.from_directory(str(r.checkpoint)) if r.checkpoint is not None else None
+        tune.report(metrics, checkpoint=checkpoint)
+
     try:
-        for epoch in range(start, cfg.train.epochs):
-            rows = group.run_epoch(epoch)
-            recorder.log_epoch(rows)
-            if epoch + 1 == cfg.train.epochs:  # before the last report: Tune may end the trial at it
-                group.save_final()
-                recorder.finish(group.steps_per_epoch)
-            metrics = {METRIC: rows[0]["val_acc"] if rows[0]["val_acc"] is not None else 0.0,
-                       "epoch": epoch + 1, "ensemble_val_acc": rows[0]["ensemble_val_acc"],
-                       "train_loss": rows[0]["train_loss"]}
-            if epoch == start:
-                metrics["launch_overhead_s"] = rows[0]["_first_step_at"] - t_start
-            every = space.checkpoint_every
-            if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):
-                with tempfile.TemporaryDirectory() as d:
-                    for i, st in enumerate(group.states()):
-                        torch.save(st, Path(d) / f"node{i}.pt")
-                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-            else:
-                tune.report(metrics)
+        drive_epochs(group, start, cfg.train.epochs, space.checkpoint_every, recorder, report)
     finally:
         group.shutdown()
         recorder.close()
@@ -595,7 +595,9 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
         from ray.tune import ExperimentAnalysis
 
         trial_states = {t.trial_id: t.status for t in ExperimentAnalysis(str(out_dir)).trials}
-    except Exception:
+    except Exception as e:  # the table is still written from the results; say why the states are missing
+        log.warning(f"could not read the trials' states from {out_dir} ({type(e).__name__}: {e}); "
+                    "a trial that did not end is then reported by its epochs only")
         trial_states = {}
     interrupted = len(grid) < space.num_samples or any(st not in ("TERMINATED", "ERROR") for st in trial_states.values())
     for r in grid:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
+
+from actors.metrics import EDGE_LOSS, GATE_WEIGHT, parse_edge_key
 
 if TYPE_CHECKING:
     from actors.graph import GraphSpec
@@ -40,8 +41,6 @@ GATE_COLORS = {
 NODE_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
                "#7f7f7f", "#bcbd22"]
 DPI = 130
-_EDGE_KEY = re.compile(r"^edge_(\d+)_to_(\d+)_(\w+)$")
-_GATE_KEY = re.compile(r"^gate_(\d+)_to_(\d+)_(\w+)$")
 
 
 def pretty_model(name: str) -> str:
@@ -297,19 +296,19 @@ def _int_epochs(ax) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _edge_panel(ax, by_node, pattern, title, ylabel, ms: float = 2.5) -> bool:
+def _edge_panel(ax, by_node, kind, title, ylabel, ms: float = 2.5) -> bool:
+    """One curve per recorded edge value of ``kind`` (``actors.metrics.EDGE_LOSS`` or
+    ``GATE_WEIGHT``), each node's label edge first."""
     styles = ["-", "--", ":", "-."]
     lines = 0
     for t, rows in sorted(by_node.items()):
-        keys = sorted({k for r in rows for k in r if pattern.match(k)},
-                      key=lambda k: (int(pattern.match(k).group(1)) != t, int(pattern.match(k).group(1))))
-        for j, key in enumerate(keys):
-            s, t2, gate = pattern.match(key).groups()
+        keys = {k: e for r in rows for k in r if (e := parse_edge_key(k)) is not None and e.kind == kind}
+        for j, (key, e) in enumerate(sorted(keys.items(), key=lambda ke: (ke[1].source != t, ke[1].source))):
             xs, ys = _series(rows, key)
             if not xs:
                 continue
             ax.plot(xs, ys, styles[j % len(styles)], marker="o", markersize=ms, linewidth=1.4,
-                    color=NODE_COLORS[int(t2) % len(NODE_COLORS)], label=f"{s}\u2192{t2} {gate}")
+                    color=NODE_COLORS[e.target % len(NODE_COLORS)], label=f"{e.source}\u2192{e.target} {e.gate}")
             lines += 1
     ax.set_title(title, fontsize=11)
     ax.set_ylabel(ylabel)
@@ -333,7 +332,7 @@ def draw_learning_curves(run_dir: Path, stem: Path, title: Optional[str] = None)
     by_node: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         by_node.setdefault(int(r["node"]), []).append(r)
-    has_gates = any(_GATE_KEY.match(k) for r in rows for k in r)
+    has_gates = any((e := parse_edge_key(k)) is not None and e.kind == GATE_WEIGHT for r in rows for k in r)
     ms = 3 if len({r["epoch"] for r in rows}) <= 40 else 0  # markers only where they can be told apart
     n_panels = 5 if has_gates else 4
     fig = _figure(13.5, 4.0 * math.ceil(n_panels / 2) + 0.6)
@@ -373,9 +372,9 @@ def draw_learning_curves(run_dir: Path, stem: Path, title: Optional[str] = None)
             ax.text(0.5, 0.5, f"no {what} split in this run", transform=ax.transAxes, ha="center", va="center",
                     color="#777777")
 
-    _edge_panel(axes[3], by_node, _EDGE_KEY, "gated loss of each edge s\u2192t (mean per epoch)", "gated loss", ms)
+    _edge_panel(axes[3], by_node, EDGE_LOSS, "gated loss of each edge s\u2192t (mean per epoch)", "gated loss", ms)
     if has_gates:
-        _edge_panel(axes[4], by_node, _GATE_KEY, "mean gate weight of each edge s\u2192t", "gate weight", ms)
+        _edge_panel(axes[4], by_node, GATE_WEIGHT, "mean gate weight of each edge s\u2192t", "gate weight", ms)
     for ax in axes[n_panels:]:
         ax.axis("off")
     if title is None:

@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import queue
 import sys
 import time
 from pathlib import Path
@@ -135,7 +136,7 @@ def run_group(world: int, cases: list[dict[str, Any]], device: str, pin: bool) -
             try:
                 rank, out = results.get(timeout=5)
                 got[rank] = out
-            except Exception:
+            except queue.Empty:
                 dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if dead:
                     raise RuntimeError(f"a benchmark node died (exit codes {dead})")

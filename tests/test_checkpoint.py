@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from actors.checkpoint import atomic_save, load_model_weights
+from actors.files import atomic_save, load_model_weights
 
 
 class Unpicklable:

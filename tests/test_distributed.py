@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from actors.checkpoint import load_model_weights
+from actors.files import load_model_weights
 from actors.preflight import load_data
 from coordinator.local import run_local
 from coordinator.sequential import train_sequential

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.checkpoint import load_model_weights
 from actors.errors import ConfigError
+from actors.files import load_model_weights
 from tests.helpers import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def test_skipped_steps_count_in_no_metric(one_thread):
             return (total * float("nan"), terms * float("nan")) if len(calls) % 2 == 0 else (total, terms)
 
         worker.node.loss = every_other_nan
-        m = worker.train_epoch(0)
+        m = worker.train_epoch(0).record()
     finally:
         shutdown()
     assert m["skipped_steps"] == 4

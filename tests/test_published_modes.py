@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.checkpoint import load_model_weights
 from actors.data import augment
+from actors.files import load_model_weights
 from actors.gates import gate_progress
 from actors.models import build_model
 from actors.node import LrSchedule

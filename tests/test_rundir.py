@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.checkpoint import load_model_weights
 from actors.errors import ConfigError
+from actors.files import load_model_weights
 from coordinator.local import run_local
 from tests.helpers import small_config
 

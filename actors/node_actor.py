@@ -1,0 +1,52 @@
+"""The Ray actor that hosts one graph node (a search trial's group, ``coordinator.group``).
+
+It runs in the node's own process and wraps the very same ``NodeWorker`` that a torchrun
+rank runs, started by the same ``start_node``; the trial's driver steps it through epochs.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from actors.config import RunConfig
+from actors.files import NodeStateFiles
+from actors.metrics import NodeEpochMetrics
+
+
+class NodeActor:
+    """Graph node ``rank`` of a group of ``world_size`` actors."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, files: Optional[NodeStateFiles]):
+        self.cfg, self.rank, self.world_size, self.files = cfg, rank, world_size, files
+        self.worker = None
+
+    def rendezvous(self) -> str:
+        """A ``tcp://`` address on this actor's machine for the group to form at."""
+        import ray
+
+        from actors.exchange import free_port
+
+        return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
+
+    def setup(self, init_method: str, state: Optional[dict[str, Any]] = None) -> int:
+        from actors.start import start_node
+
+        # Ray gives each actor its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES), hence local rank 0;
+        # one torch thread per actor unless train.num_threads says otherwise.
+        self.worker = start_node(self.cfg, self.rank, self.world_size, 0, init_method, self.files, default_threads=1)
+        if state is not None:
+            self.worker.load_state(state)
+        return self.worker.steps_per_epoch
+
+    def run_epoch(self, epoch: int, checkpoint: bool = False) -> NodeEpochMetrics:
+        return self.worker.run_epoch(epoch, checkpoint)
+
+    def state(self) -> dict[str, Any]:
+        return self.worker.state()
+
+    def save_final(self) -> Optional[str]:
+        return self.worker.save_checkpoint()
+
+    def close(self) -> None:
+        from actors.exchange import shutdown
+
+        shutdown()
