@@ -113,7 +113,8 @@ def exit_on_config_error(e: ConfigError) -> NoReturn:
 
 def search(cfg: DictConfig, out_dir: Optional[str] = None) -> dict[str, Any]:
     """Run the Ray Tune ASHA graph search described by ``cfg.search``."""
-    from coordinator.search import run_search, search_config_from
+    from coordinator.search import run_search
+    from coordinator.search_space import search_config_from
 
     if cfg.get("search") is None:
         raise ConfigError("mode=search needs a search space: search=<preset> (see conf/search/: small, paper)")

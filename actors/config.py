@@ -263,22 +263,10 @@ def defaults_dict(sections: tuple[str, ...] = ("train",)) -> dict[str, Any]:
 def field_docs(klass: type) -> dict[str, str]:
     """The docstring written under each field of dataclass ``klass`` (its source's string
     literal after the field), whitespace-normalised; fields without one are left out."""
-    return class_field_docs(ast.parse(textwrap.dedent(inspect.getsource(klass))), klass.__name__)
-
-
-def class_field_docs(tree: ast.AST, class_name: str) -> dict[str, str]:
-    """``field_docs`` from a parsed module or class source (the docs of a class whose module
-    is not to be imported)."""
-    docs: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            body = node.body
-            for stmt, nxt in zip(body, body[1:]):
-                if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
-                        and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-                    docs[stmt.target.id] = " ".join(nxt.value.value.split())
-            break
-    return docs
+    body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+    return {stmt.target.id: " ".join(nxt.value.value.split()) for stmt, nxt in zip(body, body[1:])
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)}
 
 
 def _build(klass: type, data: Any, name: str) -> Any:

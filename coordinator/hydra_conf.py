@@ -12,23 +12,22 @@
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
-from actors.config import SECTIONS, TOP_LEVEL, RunConfig, class_field_docs, defaults_dict, field_docs
+from actors.config import SECTIONS, TOP_LEVEL, RunConfig, defaults_dict, field_docs
 from actors.errors import ConfigError
 from actors.graph import GraphSpec, NodeSpec
+from coordinator.search_space import SearchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 DOCS = ROOT / "docs" / "configuration.md"
-SEARCH_SOURCE = ROOT / "coordinator" / "search.py"  # read, not imported: importing it starts Ray's imports
 
 MODES = ("train", "search")
 MODE_DOC = "train (one graph, one process per node, under torchrun) or search (a Ray Tune ASHA search over graphs: search=<preset>)."
@@ -62,29 +61,11 @@ def presets(group: str) -> list[str]:
     return sorted({p.stem for p in (CONF / group).iterdir() if p.suffix in (".yaml", ".yml")})
 
 
-def _class_fields(tree: ast.AST, class_name: str) -> Optional[list[str]]:
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            return [s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)]
-    return None
-
-
-def _search_tree() -> Optional[ast.AST]:
-    """coordinator/search.py parsed, or None if it is not there: then ``search.*`` names are
-    left to hydra's check (struct mode still refuses unknown keys) and the reference has no
-    search section (its test says so)."""
-    return ast.parse(SEARCH_SOURCE.read_text()) if SEARCH_SOURCE.is_file() else None
-
-
 def section_fields() -> dict[str, list[str]]:
-    """Option names per section: RunConfig's sections, ``graph``, and ``search`` when its
-    SearchConfig can be read."""
+    """Option names per section: RunConfig's sections, ``graph`` and ``search``."""
     out = {name: [f.name for f in dataclasses.fields(klass)] for name, klass in SECTIONS.items()}
     out["graph"] = [f.name for f in dataclasses.fields(GraphSpec)]
-    tree = _search_tree()
-    fields = _class_fields(tree, "SearchConfig") if tree is not None else None
-    if fields:
-        out["search"] = fields
+    out["search"] = [f.name for f in dataclasses.fields(SearchConfig)]
     return out
 
 
@@ -161,41 +142,6 @@ def _rows_of(klass: type, prefix: str = "", skip: tuple[str, ...] = ()) -> list[
     return [(prefix + f.name, _yaml_value(_default(f)), docs.get(f.name, "")) for f in dataclasses.fields(klass) if f.name not in skip]
 
 
-def _search_rows() -> Optional[list[tuple[str, str, str]]]:
-    """SearchConfig's fields, read from its source (defaults as written there)."""
-    tree = _search_tree()
-    if tree is None:
-        return None
-    docs = class_field_docs(tree, "SearchConfig")
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == "SearchConfig":
-            rows = []
-            for s in node.body:
-                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name):
-                    rows.append((s.target.id, _source_default(s.value), docs.get(s.target.id, "")))
-            return rows
-    return None
-
-
-def _source_default(expr: Optional[ast.expr]) -> str:
-    if expr is None:
-        return "required"
-    if isinstance(expr, ast.Call) and getattr(expr.func, "id", None) == "field":
-        for kw in expr.keywords:
-            if kw.arg == "default":
-                expr = kw.value
-            elif kw.arg == "default_factory":
-                factory = kw.value
-                if isinstance(factory, ast.Lambda):
-                    expr = factory.body
-                elif isinstance(factory, ast.Name) and factory.id in ("list", "dict"):
-                    return "[]" if factory.id == "list" else "{}"
-    try:
-        return _yaml_value(ast.literal_eval(expr))
-    except ValueError:
-        return ast.unparse(expr)
-
-
 def _preset_keys() -> dict[str, dict[str, list[str]]]:
     """section -> {"group=preset": keys of that section the preset sets}, for the presets
     that set keys outside their own group's section (``# @package _global_``)."""
@@ -247,7 +193,7 @@ def reference_markdown() -> str:
         "# Configuration reference",
         "",
         "<!-- Generated from the dataclasses' field docstrings (actors/config.py, actors/graph.py,",
-        "coordinator/search.py) by `python -m coordinator.hydra_conf --write`; tests/test_config.py",
+        "coordinator/search_space.py) by `python -m coordinator.hydra_conf --write`; tests/test_config.py",
         "checks that it is current. Edit the docstrings, not this file. -->",
         "",
         "Every option is set on the command line as `name=value` or `section.name=value`",
@@ -284,10 +230,8 @@ def reference_markdown() -> str:
     out += ["", "## `graph`", "", "The knowledge transfer graph (`graph=<preset>` or `graph=<file>.yaml`); "
             "see the README, \"The graph\"."] + _set_by("graph", preset_keys) + [""]
     out += _table(_rows_of(GraphSpec) + _rows_of(NodeSpec, "nodes.<i>."), "graph.")
-    search = _search_rows()
-    if search is not None:
-        out += ["", "## `search`", "", "The graph search of `mode=search` (`search=<preset>`)."]
-        out += _set_by("search", preset_keys) + [""] + _table(search, "search.")
+    out += ["", "## `search`", "", "The graph search of `mode=search` (`search=<preset>`)."]
+    out += _set_by("search", preset_keys) + [""] + _table(_rows_of(SearchConfig), "search.")
     return "\n".join(out) + "\n"
 
 

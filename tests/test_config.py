@@ -92,7 +92,7 @@ def test_run_config_is_picklable():
 
 @pytest.mark.parametrize("preset", options("search"))
 def test_search_presets_compose(preset):
-    from coordinator.search import search_config_from
+    from coordinator.search_space import search_config_from
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["mode=search", f"search={preset}",
@@ -106,7 +106,7 @@ def test_search_presets_compose(preset):
 
 
 def test_paper_search_is_the_papers():
-    from coordinator.search import search_config_from
+    from coordinator.search_space import search_config_from
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["mode=search", "search=paper"])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from actors.errors import ConfigError
-from coordinator.search import GraphRandomSearch, SearchConfig, describe_gates
+from coordinator.search import GraphRandomSearch
+from coordinator.search_space import SearchConfig, describe_gates
 
 ROOT = Path(__file__).resolve().parents[1]
 
