@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from actors.config import RunConfig
 from actors.data import Dataset
 from actors.node import GraphNode
 from actors.worker import build_batch_maker, build_batch_order, build_node, steps_per_epoch
@@ -22,7 +23,7 @@ class SequentialGroup:
     """Every node of ``cfg.graph`` in this process; ``step(x, y)`` is one training step of
     the whole graph."""
 
-    def __init__(self, cfg, data: Dataset, device: torch.device = torch.device("cpu")):
+    def __init__(self, cfg: RunConfig, data: Dataset, device: torch.device = torch.device("cpu")):
         self.cfg = cfg
         self.data = data.to(device)
         self.device = device
@@ -50,7 +51,7 @@ class SequentialGroup:
                 n.update(loss)  # skips the optimiser step of a zero loss under graph.skip_zero_loss
 
 
-def train_sequential(cfg, data: Dataset, max_steps: Optional[int] = None,
+def train_sequential(cfg: RunConfig, data: Dataset, max_steps: Optional[int] = None,
                      device: torch.device = torch.device("cpu")) -> list[GraphNode]:
     """Train every node of ``cfg.graph`` for ``cfg.train.epochs`` epochs (or ``max_steps``
     steps) in this process; returns the nodes."""
