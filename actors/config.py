@@ -15,6 +15,7 @@ from typing import Any, Optional
 from actors.data import DATASETS
 from actors.errors import ConfigError
 from actors.graph import GraphSpec
+from actors.placement import check_form
 
 SCHEDULES = ("multistep", "cosine", "constant")
 SCHEDULE_STEPS = ("iteration", "epoch")
@@ -207,6 +208,12 @@ class RunConfig:
     """torch.distributed backend: auto (nccl on cuda, gloo on cpu), gloo or nccl."""
     dist_timeout_s: float = 300.0
     """Timeout of every collective: a node that stops answering ends the group after this."""
+    placement: Any = "auto"
+    """Which graph nodes each process hosts when fewer processes than nodes are started
+    (``torchrun --nproc_per_node=P``, P <= M): auto (one node per process when P = M, else
+    balanced), balanced (greedy longest-first on each node's training FLOPs per image), or a
+    list of P lists of node indices, e.g. ``'placement=[[0,2],[1]]'``. Node t keeps index t
+    everywhere. Not a setting a resume must keep: a run may resume with another P."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -216,6 +223,9 @@ class RunConfig:
         if self.backend == "nccl" and self.device == "cpu":
             raise ConfigError("backend=nccl needs device=cuda (or auto on a CUDA machine); use backend=gloo on CPU")
         _positive(self.dist_timeout_s, "dist_timeout_s", integer=False)
+        if isinstance(self.placement, (list, tuple)):
+            self.placement = [list(nodes) if isinstance(nodes, (list, tuple)) else nodes for nodes in self.placement]
+        check_form(self.placement)  # the nodes and the number of lists: check_placement, against the graph and P, at the start
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: Optional[str] = None) -> "RunConfig":
@@ -243,7 +253,7 @@ class RunConfig:
 SECTIONS: dict[str, type] = {"dataset": DatasetConfig, "optim": OptimConfig, "train": TrainConfig, "logger": LoggerConfig}
 """RunConfig's sections (besides ``graph``): ``<section>.<key>`` on the command line."""
 TOP_LEVEL: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "graph" and f.name not in SECTIONS)
-"""RunConfig's top-level settings: seed, device, backend, dist_timeout_s."""
+"""RunConfig's top-level settings: seed, device, backend, dist_timeout_s, placement."""
 
 
 def defaults_dict(sections: tuple[str, ...] = ("train",)) -> dict[str, Any]:

@@ -5,7 +5,7 @@ rank runs, started by the same ``start_node``; the trial's driver steps it throu
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from actors.config import RunConfig
 from actors.files import NodeStateFiles
@@ -15,7 +15,7 @@ from actors.metrics import NodeEpochMetrics
 class NodeActor:
     """Graph node ``rank`` of a group of ``world_size`` actors."""
 
-    def __init__(self, cfg: RunConfig, rank: int, world_size: int, files: Optional[NodeStateFiles]):
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, files: Optional[Callable[[int], NodeStateFiles]]):
         self.cfg, self.rank, self.world_size, self.files = cfg, rank, world_size, files
         self.worker = None
 
@@ -27,23 +27,23 @@ class NodeActor:
 
         return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
 
-    def setup(self, init_method: str, state: Optional[dict[str, Any]] = None) -> int:
+    def setup(self, init_method: str, states: Optional[dict[int, dict[str, Any]]] = None) -> int:
         from actors.start import start_node
 
         # Ray gives each actor its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES), hence local rank 0;
         # one torch thread per actor unless train.num_threads says otherwise.
         self.worker = start_node(self.cfg, self.rank, self.world_size, 0, init_method, self.files, default_threads=1)
-        if state is not None:
-            self.worker.load_state(state)
+        if states is not None:
+            self.worker.load_states(states)
         return self.worker.steps_per_epoch
 
-    def run_epoch(self, epoch: int, checkpoint: bool = False) -> NodeEpochMetrics:
+    def run_epoch(self, epoch: int, checkpoint: bool = False) -> list[NodeEpochMetrics]:
         return self.worker.run_epoch(epoch, checkpoint)
 
-    def state(self) -> dict[str, Any]:
-        return self.worker.state()
+    def states(self) -> dict[int, dict[str, Any]]:
+        return self.worker.states()
 
-    def save_final(self) -> Optional[str]:
+    def save_final(self) -> list[str]:
         return self.worker.save_checkpoint()
 
     def close(self) -> None:

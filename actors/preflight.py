@@ -12,15 +12,19 @@ from actors.data import Dataset, DatasetError, load_dataset
 from actors.errors import ConfigError
 from actors.files import load_model_weights
 from actors.models import build_model
+from actors.placement import check_placement, resolve_placement
 
 
 def check_world_size(cfg: RunConfig, world_size: int) -> None:
     m = cfg.graph.num_nodes
-    if world_size != m:
+    if not 1 <= world_size <= m:
         raise ConfigError(
-            f"graph {cfg.graph.name!r} has {m} nodes but {world_size} process(es) were started: one process per node, "
-            f"so run `torchrun --standalone --nproc_per_node={m} launch.py ...`"
+            f"graph {cfg.graph.name!r} has {m} nodes but {world_size} process(es) were started: a process hosts one "
+            f"or more nodes, so run `torchrun --standalone --nproc_per_node=P launch.py ...` with 1 <= P <= {m} "
+            f"(P = {m}: one node per process)"
         )
+    if not isinstance(cfg.placement, str):
+        check_placement(cfg.placement, m, world_size)
 
 
 def check_device(cfg: RunConfig, local_world_size: Optional[int] = None) -> None:
@@ -99,3 +103,11 @@ def preflight(cfg: RunConfig, world_size: int) -> Dataset:
     data = load_data(cfg)
     check_checkpoints(cfg, data)
     return data
+
+
+def place_nodes(cfg: RunConfig, data: Dataset, world_size: int) -> list[list[int]]:
+    """Which nodes each of the ``world_size`` processes hosts (``placement``; the same on
+    every process: the costs are counted, not timed)."""
+    models = [n.model for n in cfg.graph.nodes]
+    info = data.info
+    return resolve_placement(cfg.placement, models, info.num_classes, info.in_channels, info.image_size, world_size)

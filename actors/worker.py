@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -96,12 +96,11 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class EpochTotals:
-    """One epoch's running sums of a node, kept on its device (no host sync in the step):
+    """One node's running sums of an epoch, kept on its device (no host sync in the step):
     loss, each incoming edge's gated loss and gate weight, correct predictions; the first
-    non-finite step and its edges; the first step whose batches differed and the nodes
-    that held another batch than node 0. Read once, at the end of the epoch."""
+    non-finite step and its edges. Read at the end of the epoch."""
 
-    def __init__(self, num_edges: int, num_nodes: int, device: torch.device):
+    def __init__(self, num_edges: int, device: torch.device):
         self.loss = torch.zeros((), device=device)
         self.edge_loss = torch.zeros(num_edges, device=device)
         self.gate_weight = torch.zeros(num_edges, device=device)
@@ -110,8 +109,6 @@ class EpochTotals:
         self.skipped = 0  # steps skipped for a non-finite loss (train.nonfinite=skip)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.bad_edges = torch.zeros(num_edges, dtype=torch.bool, device=device)
-        self.mismatch_step = torch.full((), -1, dtype=torch.int64, device=device)
-        self.mismatch_nodes = torch.zeros(num_nodes, dtype=torch.bool, device=device)
 
     def add(self, loss: torch.Tensor, terms: torch.Tensor, weights: torch.Tensor) -> None:
         self.loss += loss.detach()
@@ -130,26 +127,12 @@ class EpochTotals:
         self.first_bad = torch.where(newly, step, self.first_bad)
         self.bad_edges = torch.where(newly, ~finite, self.bad_edges)
 
-    def track_batches(self, step: int, fingerprints: torch.Tensor) -> None:
-        """Remember the first step at which some node's batch fingerprint differed from
-        node 0's, and which nodes."""
-        differ = (fingerprints != fingerprints[0]).any(dim=1)
-        newly = (self.mismatch_step < 0) & differ.any()
-        self.mismatch_step = torch.where(newly, step, self.mismatch_step)
-        self.mismatch_nodes = torch.where(newly, differ, self.mismatch_nodes)
-
-    def mismatch(self) -> Optional[tuple[int, list[int]]]:
-        """(step, nodes) of the first batch mismatch, or None (a host sync)."""
-        step = int(self.mismatch_step)
-        return None if step < 0 else (step, [i for i, b in enumerate(self.mismatch_nodes.tolist()) if b])
-
-    def metrics(self, worker: "NodeWorker", epoch: int, train_time_s: float) -> NodeEpochMetrics:
-        node, n = worker.node, worker.steps_per_epoch
-        trained = max(1, n - self.skipped)
+    def metrics(self, node: GraphNode, epoch: int, steps: int, batch_size: int, train_time_s: float) -> NodeEpochMetrics:
+        trained = max(1, steps - self.skipped)
         return NodeEpochMetrics(
-            epoch=epoch, node=worker.index, model=node.model_name, frozen=node.frozen,
+            epoch=epoch, node=node.index, model=node.model_name, frozen=node.frozen,
             train_loss=self.loss.item() / trained if not node.frozen else None,
-            train_acc=self.correct.item() * 100.0 / (n * worker.cfg.train.batch_size),
+            train_acc=self.correct.item() * 100.0 / (steps * batch_size),
             lr=node.lr, skipped_steps=self.skipped, train_time_s=train_time_s,
             edges=[(s, g) for s, _, g in node.edges],
             edge_loss=[v / trained for v in self.edge_loss.tolist()],
@@ -157,24 +140,65 @@ class EpochTotals:
         )
 
 
-class NodeWorker:
-    """Graph node ``env.rank`` of a group of ``env.world_size`` processes."""
+class BatchCheck:
+    """The first step at which some process's batch fingerprint differed from process 0's,
+    and which processes, tracked on the device (no sync); read by ``mismatch``."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, exchange: Exchange, data: Dataset, files: Optional[NodeStateFiles] = None):
-        """``files``: where this node's state goes (the run directory's ``NodeFiles``); None
+    def __init__(self, processes: int, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.differ = torch.zeros(processes, dtype=torch.bool, device=device)
+
+    def track(self, step: int, fingerprints: torch.Tensor) -> None:
+        differ = (fingerprints != fingerprints[0]).any(dim=1)
+        newly = (self.step < 0) & differ.any()
+        self.step = torch.where(newly, step, self.step)
+        self.differ = torch.where(newly, differ, self.differ)
+
+    def mismatch(self) -> Optional[tuple[int, list[int]]]:
+        """(step, processes) of the first mismatch, or None (a host sync)."""
+        step = int(self.step)
+        return None if step < 0 else (step, [i for i, b in enumerate(self.differ.tolist()) if b])
+
+
+def one_node_per_process(num_nodes: int) -> list[list[int]]:
+    return [[t] for t in range(num_nodes)]
+
+
+class NodeWorker:
+    """Process ``env.rank`` of a group of ``env.world_size``, hosting the graph nodes
+    ``placement[env.rank]`` (default: one node per process, node t = rank t).
+
+    Every hosted node trains on the process's one batch, one node after another on its
+    device; the step's exchange is one all-gather per process carrying the logits of all
+    its nodes (padded to the most any process hosts), reordered into ``[M, B, C]`` by node
+    index, so each node computes its gated loss from every node's logits exactly as when
+    each node has its own process."""
+
+    def __init__(self, cfg: RunConfig, env: DistEnv, exchange: Exchange, data: Dataset,
+                 files: Optional[Callable[[int], NodeStateFiles]] = None, placement: Optional[list[list[int]]] = None):
+        """``files(t)``: where node t's state goes (the run directory's ``node_files``); None
         writes nothing."""
         self.cfg, self.env, self.exchange = cfg, env, exchange
+        m = cfg.graph.num_nodes
+        self.placement = placement or one_node_per_process(m)
+        if len(self.placement) != env.world_size:
+            raise ValueError(f"a placement for {len(self.placement)} processes in a group of {env.world_size}")
+        self.rank = env.rank
+        self.hosted = list(self.placement[self.rank])
         self.skip_nonfinite = cfg.train.nonfinite == "skip"
-        self.index = env.rank
         self.device = env.device
-        self.files = files
+        self.files = {t: files(t) for t in self.hosted} if files is not None else None
         self.data = data.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): pick the fastest kernels once
         self.order = build_batch_order(cfg, data)
         self.steps_per_epoch = steps_per_epoch(cfg, self.order)
         self.batches = build_batch_maker(cfg, self.data, self.device)
-        self.node = build_node(cfg, self.data, self.index, self.steps_per_epoch, self.device)
+        self.nodes = [build_node(cfg, self.data, t, self.steps_per_epoch, self.device) for t in self.hosted]
+        # row of node t in the gathered [P * width] rows: process p's j-th node sits at p * width + j
+        self.width = max(len(p) for p in self.placement)
+        rows = {t: p * self.width + j for p, nodes in enumerate(self.placement) for j, t in enumerate(nodes)}
+        self.node_rows = torch.tensor([rows[t] for t in range(m)], device=self.device)
         # progress lines on rank 0: every train.log_every steps; by default ~5 per epoch on long epochs
         self.log_every = cfg.train.log_every or (self.steps_per_epoch // 5 if self.steps_per_epoch >= 200 else 0)
         self.step = 0  # global optimiser steps taken so far (k - 1 for the next step k)
@@ -182,118 +206,146 @@ class NodeWorker:
         self.first_step_at: Optional[float] = None  # wall clock (time.time) of the first step
         self.timer = NO_TIMER  # the benchmark attaches an actors.timing.StepTimer
 
+    @property
+    def node(self) -> GraphNode:
+        """The process's only node (one node per process)."""
+        if len(self.nodes) != 1:
+            raise AttributeError(f"process {self.rank} hosts nodes {self.hosted}: use .nodes")
+        return self.nodes[0]
+
+    def gather_nodes(self, values: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Every node's tensor of each name, ``[M, *shape]`` in node order, from each hosted
+        node's (``values[name][j]`` for ``self.hosted[j]``): one all-gather."""
+        payload = {k: self._pad(torch.stack(v)) for k, v in values.items()}
+        got = self.exchange.all_gather(payload)
+        return {k: got[k].flatten(0, 1)[self.node_rows] for k in values}
+
+    def _pad(self, stacked: torch.Tensor) -> torch.Tensor:
+        missing = self.width - stacked.shape[0]
+        if not missing:
+            return stacked
+        return torch.cat([stacked, stacked.new_zeros((missing, *stacked.shape[1:]))])
+
     # --- training -------------------------------------------------------------------------------
 
     def _epoch_plan(self, epoch: int) -> torch.Tensor:
         """Rank 0 draws the plan; everyone receives its copy (one broadcast per epoch)."""
-        if self.index == 0:
+        if self.rank == 0:
             plan = self.order.epoch_plan(epoch).to(self.device)
         else:
             plan = torch.empty(self.order.num_samples, 4, dtype=torch.int64, device=self.device)
         return self.exchange.broadcast(plan, src=0)
 
-    def train_epoch(self, epoch: int) -> NodeEpochMetrics:
+    def train_epoch(self, epoch: int) -> list[NodeEpochMetrics]:
         """One pass over the training set's plan for ``epoch``: the five steps, k times.
+        Returns each hosted node's metrics.
 
         No host-device synchronisation inside the step (on an accelerator): the running
-        sums, NaN and batch-mismatch tracking stay on the device (``EpochTotals``) and are
-        read at progress lines (every ``train.log_every`` steps) and at the end of the
-        epoch. The exceptions: ``train.nonfinite=skip`` reads each step's loss, and an
-        attached ``StepTimer`` (benchmark) synchronises to time each part."""
+        sums, NaN and batch-mismatch tracking stay on the device (``EpochTotals``,
+        ``BatchCheck``) and are read at progress lines (every ``train.log_every`` steps) and
+        at the end of the epoch. The exceptions: ``train.nonfinite=skip`` reads each step's
+        loss, and an attached ``StepTimer`` (benchmark) synchronises to time each part."""
         cfg = self.cfg
         t0 = time.perf_counter()
         plan = self._epoch_plan(epoch)
-        totals = EpochTotals(len(self.node.edges), cfg.graph.num_nodes, self.device)
+        totals = [EpochTotals(len(n.edges), self.device) for n in self.nodes]
+        check = BatchCheck(self.env.world_size, self.device)
         if self.first_step_at is None:
             self.first_step_at = time.time()
         bar = None
-        if self.index == 0 and cfg.train.progress != "off":
+        if self.rank == 0 and cfg.train.progress != "off":
             bar = EpochProgress(cfg.train.progress, epoch + 1, cfg.train.epochs, self.steps_per_epoch,
-                                cfg.train.batch_size, self.log_every, read_loss=totals.mean_loss,
+                                cfg.train.batch_size, self.log_every, read_loss=totals[0].mean_loss,
                                 loss_is_free=self.device.type == "cpu")
         for k in range(self.steps_per_epoch):
-            self._step(plan, k, totals)
+            self._step(plan, k, totals, check)
             if self.log_every and (k + 1) % self.log_every == 0 and self.device.type != "cpu":
-                self._raise_on_mismatch(totals)
+                self._raise_on_mismatch(check)
             if bar is not None:
                 bar.update(k + 1)
         if bar is not None:
             bar.close()
         self.epoch = epoch + 1
-        self._raise_on_mismatch(totals)
+        self._raise_on_mismatch(check)
         self._check_finite(totals, epoch)
-        return totals.metrics(self, epoch + 1, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        return [tot.metrics(n, epoch + 1, self.steps_per_epoch, cfg.train.batch_size, elapsed)
+                for n, tot in zip(self.nodes, totals)]
 
-    def _step(self, plan: torch.Tensor, k: int, totals: "EpochTotals") -> None:
-        """Step k of the epoch (the global step ``self.step + 1``)."""
-        node, tm = self.node, self.timer
+    def _step(self, plan: torch.Tensor, k: int, totals: list[EpochTotals], check: BatchCheck) -> None:
+        """Step k of the epoch (the global step ``self.step + 1``) of every hosted node."""
+        tm = self.timer
         tm.start()
         rows = self.order.batch(plan, k)
         x, y = self.batches(rows)                                       # 1. batch
         tm.mark("batch")
-        logits = node.forward(x)                                        # 2. forward
+        logits = [node.forward(x) for node in self.nodes]               # 2. forward
         tm.mark("forward")
-        all_logits = self._exchange(rows, x, y, logits, totals)         # 3. exchange
+        all_logits = self._exchange(rows, x, y, logits, check)          # 3. exchange
         self.step += 1
-        if not node.frozen:
-            progress = node.progress(self.step)  # the one helper the reference uses too
-            loss, terms = node.loss(logits, all_logits, y, progress)   # 4. loss
-            weights = node.gate_weights(all_logits, y, progress)
-            tm.mark("loss")
-            if self.skip_nonfinite and not torch.isfinite(loss).item():  # host sync, only in skip mode
-                totals.skipped += 1
-                node.skip_update()
-            else:
-                if not self.skip_nonfinite:
-                    totals.track_nonfinite(self.step, terms)
-                node.update(loss, mark=tm.mark)                         # 5. update
-                totals.add(loss, terms, weights)
-        totals.correct += (logits.detach().argmax(1) == y).sum()
+        for node, z, tot in zip(self.nodes, logits, totals):
+            if not node.frozen:
+                progress = node.progress(self.step)  # the one helper the reference uses too
+                loss, terms = node.loss(z, all_logits, y, progress)    # 4. loss
+                weights = node.gate_weights(all_logits, y, progress)
+                tm.mark("loss")
+                if self.skip_nonfinite and not torch.isfinite(loss).item():  # host sync, only in skip mode
+                    tot.skipped += 1
+                    node.skip_update()
+                else:
+                    if not self.skip_nonfinite:
+                        tot.track_nonfinite(self.step, terms)
+                    node.update(loss, mark=tm.mark)                     # 5. update
+                    tot.add(loss, terms, weights)
+            tot.correct += (z.detach().argmax(1) == y).sum()
         tm.end_step()
 
-    def _exchange(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
-                  totals: "EpochTotals") -> torch.Tensor:
+    def _exchange(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, logits: list[torch.Tensor],
+                  check: BatchCheck) -> torch.Tensor:
         """The one all-gather of the step: every node's detached logits [M, B, C], and, every
-        ``train.check_batch_every`` steps, every node's batch fingerprint, compared with
-        node 0's (at once on the CPU, where reading costs nothing; on an accelerator
+        ``train.check_batch_every`` steps, every process's batch fingerprint, compared with
+        process 0's (at once on the CPU, where reading costs nothing; on an accelerator
         tracked on the device and read at progress lines and at the end of the epoch)."""
         tm = self.timer
-        payload = {"logits": logits.detach()}
+        payload = {"logits": self._pad(torch.stack([z.detach() for z in logits]))}
         every = self.cfg.train.check_batch_every
-        check = every > 0 and self.step % every == 0
-        if check:
+        checking = every > 0 and self.step % every == 0
+        if checking:
             payload["batch"] = batch_fingerprint(rows, x, y, self.step)
         if tm.enabled:
             payload["arrival"] = tm.arrival(self.device)
         got = self.exchange.all_gather(payload)
         tm.exchanged(got.get("arrival"))
-        if check:
-            totals.track_batches(self.step + 1, got["batch"])
+        if checking:
+            check.track(self.step + 1, got["batch"])
             if self.device.type == "cpu":
-                self._raise_on_mismatch(totals)
-        return got["logits"]
+                self._raise_on_mismatch(check)
+        return got["logits"].flatten(0, 1)[self.node_rows]
 
-    def _raise_on_mismatch(self, totals: "EpochTotals") -> None:
+    def _raise_on_mismatch(self, check: BatchCheck) -> None:
         """Read the batch mismatch tracked so far (a host sync on an accelerator)."""
-        found = totals.mismatch()
+        found = check.mismatch()
         if found is not None:
-            step, nodes = found
+            step, processes = found
+            nodes = sorted(t for p in processes for t in self.placement[p])
             raise BatchMismatchError(
-                f"node(s) {nodes} hold a different batch than node 0 at step {step}; a node has drifted "
-                "from the coordinator's batch order, so the run stops instead of training on mismatched batches"
+                f"node(s) {nodes} hold a different batch than node {self.placement[0][0]} at step {step}; a node has "
+                "drifted from the coordinator's batch order, so the run stops instead of training on mismatched batches"
             )
 
-    def _check_finite(self, totals: "EpochTotals", epoch: int) -> None:
-        """One small all-gather per epoch: if any node's loss went NaN/inf, every node raises
-        the same error, naming the node, step and edges where it started, so the whole group
-        stops together."""
+    def _check_finite(self, totals: list[EpochTotals], epoch: int) -> None:
+        """One small all-gather per epoch: if any node's loss went NaN/inf, every process
+        raises the same error, naming the node, step and edges where it started, so the
+        whole group stops together."""
         m = self.cfg.graph.num_nodes
-        mask = torch.zeros(m, dtype=torch.int64, device=self.device)  # which sources' edges were bad
-        if len(self.node.edges):
-            src = torch.tensor([s for s, _, _ in self.node.edges], device=self.device)
-            mask[src] = totals.bad_edges.to(torch.int64)
-        info = torch.cat([totals.first_bad.reshape(1), mask])
-        every = self.exchange.all_gather({"bad": info})["bad"].tolist()
+        rows = []
+        for node, tot in zip(self.nodes, totals):
+            mask = torch.zeros(m, dtype=torch.int64, device=self.device)  # which sources' edges were bad
+            if len(node.edges):
+                src = torch.tensor([s for s, _, _ in node.edges], device=self.device)
+                mask[src] = tot.bad_edges.to(torch.int64)
+            rows.append(torch.cat([tot.first_bad.reshape(1), mask]))
+        every = self.gather_nodes({"bad": rows})["bad"].tolist()
         bad = [(row[0], i, row[1:]) for i, row in enumerate(every) if row[0] >= 0]
         if bad:
             step, node, edge_mask = min(bad)
@@ -304,60 +356,71 @@ class NodeWorker:
                 + "; lower optim.lr, or set train.nonfinite=skip to skip such steps"
             )
 
-    def run_epoch(self, epoch: int, checkpoint: bool = False) -> NodeEpochMetrics:
-        """Train one epoch and evaluate; with ``checkpoint``, then write this node's share of
-        the group checkpoint. Returns this node's metrics of the epoch."""
-        metrics = self.train_epoch(epoch)
-        metrics = dataclasses.replace(metrics, **self.evaluate(), first_step_at=self.first_step_at)
+    def run_epoch(self, epoch: int, checkpoint: bool = False) -> list[NodeEpochMetrics]:
+        """Train one epoch and evaluate; with ``checkpoint``, then write each hosted node's
+        share of the group checkpoint. Returns each hosted node's metrics of the epoch."""
+        trained = self.train_epoch(epoch)
+        evaluated = self.evaluate()
+        metrics = [dataclasses.replace(m, **e, first_step_at=self.first_step_at) for m, e in zip(trained, evaluated)]
         if checkpoint:
             self.save_group_checkpoint()
         return metrics
 
     # --- evaluation -----------------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, Any]:
-        """Val and test accuracy of this node, and of the ensemble (mean softmax of all
-        nodes, through one all-gather of the eval logits)."""
+    def evaluate(self) -> list[dict[str, Any]]:
+        """Val and test accuracy of each hosted node, and of the ensemble (mean softmax of
+        all nodes, through one all-gather of the eval logits)."""
         bs = self.cfg.train.eval_batch_size
-        splits = {"val": self.data.val, "test": self.data.test}
-        logits = {k: predict(self.node.model, s, bs, self.batches) for k, s in splits.items() if s is not None}
-        every = self.exchange.all_gather(logits)
-        out: dict[str, Any] = {"val_acc": None, "ensemble_val_acc": None}
-        for k, s in splits.items():
-            if s is None:
-                continue
-            out[f"{k}_acc"] = accuracy(logits[k], s.y)
-            out[f"ensemble_{k}_acc"] = accuracy(torch.softmax(every[k].float(), dim=2).mean(0), s.y)
+        splits = {k: s for k, s in {"val": self.data.val, "test": self.data.test}.items() if s is not None}
+        logits = {k: [predict(n.model, s, bs, self.batches) for n in self.nodes] for k, s in splits.items()}
+        every = self.gather_nodes(logits)
+        ensemble = {k: accuracy(torch.softmax(every[k].float(), dim=2).mean(0), s.y) for k, s in splits.items()}
+        out = []
+        for j in range(len(self.nodes)):
+            row: dict[str, Any] = {"val_acc": None, "ensemble_val_acc": None}
+            for k, s in splits.items():
+                row[f"{k}_acc"] = accuracy(logits[k][j], s.y)
+                row[f"ensemble_{k}_acc"] = ensemble[k]
+            out.append(row)
         return out
 
     # --- state ----------------------------------------------------------------------------------
 
-    def meta(self) -> dict[str, Any]:
+    def meta(self, node: GraphNode) -> dict[str, Any]:
         return {
-            "model": self.node.model_name,
+            "model": node.model_name,
             "num_classes": self.data.info.num_classes,
             "in_channels": self.data.info.in_channels,
             "dataset": self.data.name,
-            "node": self.index,
-            "frozen": self.node.frozen,
+            "node": node.index,
+            "frozen": node.frozen,
         }
 
-    def state(self) -> dict[str, Any]:
-        return {**self.node.state_dict(), "step": self.step, "epoch": self.epoch, "meta": self.meta(),
-                "torch_rng": torch.get_rng_state()}
+    def states(self) -> dict[int, dict[str, Any]]:
+        """Each hosted node's whole state, by node index."""
+        rng = torch.get_rng_state()
+        return {n.index: {**n.state_dict(), "step": self.step, "epoch": self.epoch, "meta": self.meta(n), "torch_rng": rng}
+                for n in self.nodes}
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Continue from ``state()`` of an earlier run of the same node (same config)."""
-        self.node.load_state_dict(state)
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
+    def load_states(self, states: dict[int, dict[str, Any]]) -> None:
+        """Continue from ``states()`` of an earlier run of the same nodes (same config; any
+        placement)."""
+        for n in self.nodes:
+            n.load_state_dict(states[n.index])
+        first = states[self.hosted[0]]
+        self.step, self.epoch = int(first["step"]), int(first["epoch"])
+        if "torch_rng" in first:
+            torch.set_rng_state(first["torch_rng"])
 
-    def save_checkpoint(self) -> Optional[str]:
-        """Write this node's final state (atomically; ``<run_dir>/node<i>.pt``)."""
-        return None if self.files is None else str(self.files.save_final(self.state()))
+    def save_checkpoint(self) -> list[str]:
+        """Write each hosted node's final state (atomically; ``<run_dir>/node<i>.pt``)."""
+        if self.files is None:
+            return []
+        return [str(self.files[t].save_final(state)) for t, state in self.states().items()]
 
     def save_group_checkpoint(self) -> None:
-        """This node's share of the group checkpoint at the current epoch boundary."""
+        """Each hosted node's share of the group checkpoint at the current epoch boundary."""
         if self.files is not None:
-            self.files.save_epoch(self.epoch, self.state())
+            for t, state in self.states().items():
+                self.files[t].save_epoch(self.epoch, state)

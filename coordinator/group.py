@@ -43,19 +43,22 @@ class ActorGroup:
             if placement_group is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=i + 1)
-            self.actors.append(remote.options(**opts).remote(cfg, i, m, rd.node_files(i) if rd else None))
+            self.actors.append(remote.options(**opts).remote(cfg, i, m, rd.node_files if rd else None))
         init_method = ray.get(self.actors[0].rendezvous.remote())
-        self.steps_per_epoch = ray.get([a.setup.remote(init_method, states[i] if states else None)
+        self.steps_per_epoch = ray.get([a.setup.remote(init_method, {i: states[i]} if states else None)
                                         for i, a in enumerate(self.actors)])[0]
         self._checkpoint_dir: Optional[tempfile.TemporaryDirectory] = None
 
     def run_epoch(self, epoch: int, checkpoint: bool = False) -> list[NodeEpochMetrics]:
         """Every node's metrics for ``epoch`` (raises if any node fails). The nodes write no
         checkpoint themselves: ``commit_checkpoint`` fetches their states."""
-        return ray.get([a.run_epoch.remote(epoch) for a in self.actors])
+        return sorted((m for ms in ray.get([a.run_epoch.remote(epoch) for a in self.actors]) for m in ms),
+                      key=lambda m: m.node)
 
     def states(self) -> list[dict[str, Any]]:
-        return ray.get([a.state.remote() for a in self.actors])
+        """Every node's state, by node."""
+        every = {t: s for states in ray.get([a.states.remote() for a in self.actors]) for t, s in states.items()}
+        return [every[t] for t in sorted(every)]
 
     def commit_checkpoint(self, epochs_done: int) -> Path:
         """Every node's state, written to a fresh temporary folder on the driver

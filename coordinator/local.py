@@ -50,10 +50,12 @@ def _failure(e: BaseException, text: str) -> tuple[BaseException, str]:
     return e, text
 
 
-def run_local(cfg: RunConfig, run_dir: str | Path, timeout_s: Optional[float] = None) -> dict[str, Any]:
-    """Train ``cfg.graph`` with one spawned process per node; returns rank 0's summary.
+def run_local(cfg: RunConfig, run_dir: str | Path, timeout_s: Optional[float] = None,
+              processes: Optional[int] = None) -> dict[str, Any]:
+    """Train ``cfg.graph`` with ``processes`` spawned processes (default: one per node; fewer
+    host several nodes each, placed by ``cfg.placement``); returns rank 0's summary.
     Raises ``RuntimeError`` naming the failed node(s) when any process fails."""
-    m = cfg.graph.num_nodes
+    m = processes or (len(cfg.placement) if isinstance(cfg.placement, list) else cfg.graph.num_nodes)
     check_world_size(cfg, m)
     check_device(cfg, local_world_size=m)  # all m processes on this machine
     Path(run_dir).mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from actors.config import RunConfig
 from actors.exchange import shutdown
 from actors.lifeline import exit_with_parent
 from actors.metrics import NodeEpochMetrics
+from actors.placement import describe_placement, node_cost
 from actors.start import start_node
 from actors.worker import NodeWorker
 from coordinator.epochs import drive_epochs
@@ -22,6 +23,13 @@ from coordinator.recorder import RunRecorder
 from coordinator.rundir import RunDir
 
 log = logging.getLogger("ktg")
+
+
+def placement_text(cfg: RunConfig, data, placement: list[list[int]]) -> str:
+    models = [n.model for n in cfg.graph.nodes]
+    info = data.info
+    costs = [node_cost(m, info.num_classes, info.in_channels, info.image_size) for m in models]
+    return describe_placement(placement, costs, models)
 
 
 class TorchrunGroup:
@@ -35,12 +43,12 @@ class TorchrunGroup:
     def run_epoch(self, epoch: int, checkpoint: bool) -> Optional[list[NodeEpochMetrics]]:
         metrics = self.worker.run_epoch(epoch, checkpoint)
         every = self.worker.exchange.gather_objects(metrics)  # also the barrier: every node has saved
-        return every if self.worker.index == 0 else None
+        return sorted((m for ms in every for m in ms), key=lambda m: m.node) if self.worker.rank == 0 else None
 
     def commit_checkpoint(self, epochs_done: int) -> Optional[Path]:
-        if self.worker.index != 0:
+        if self.worker.rank != 0:
             return None
-        self.run_dir.mark_complete(epochs_done, self.worker.env.world_size, self.keep)
+        self.run_dir.mark_complete(epochs_done, self.worker.cfg.graph.num_nodes, self.keep)
         return self.run_dir.epoch_dir(epochs_done)
 
     def save_final(self) -> None:
@@ -61,20 +69,22 @@ def run_node(cfg: RunConfig, run_dir: str | Path, rank: int, world_size: int, lo
     else:
         rd.prepare()
     try:
-        worker = start_node(cfg, rank, world_size, local_rank, init_method, rd.node_files(rank))
+        worker = start_node(cfg, rank, world_size, local_rank, init_method, rd.node_files)
         recorder = None
         try:
             exchange = worker.exchange
-            start = rd.start(cfg, rank, worker.node.model_name, config_dict or cfg.to_dict(),
+            start = rd.start(cfg, rank, [(n.index, n.model_name) for n in worker.nodes], config_dict or cfg.to_dict(),
                              exchange.gather_objects, exchange.broadcast_object)
-            if start.state is not None:
-                worker.load_state(start.state)
+            if start.states is not None:
+                worker.load_states(start.states)
             if rank == 0:
                 data = worker.data
                 log.info(cfg.graph.describe())
                 log.info(f"dataset {data.name}: {len(data.train)} train / {len(data.val) if data.val else 0} val / "
                          f"{len(data.test)} test; {worker.steps_per_epoch} steps of {cfg.train.batch_size} per epoch; "
                          f"{world_size} processes, backend {worker.env.backend}, device {worker.env.device.type}")
+                if world_size < cfg.graph.num_nodes:
+                    log.info("placement (estimated share of the training FLOPs):\n" + placement_text(cfg, data, worker.placement))
                 if start.epoch:
                     log.info(f"resuming from the group checkpoint of epoch {start.epoch} in {rd.path / 'checkpoints'}")
                 recorder = RunRecorder(cfg, rd, config_dict or cfg.to_dict(), history=start.history)

@@ -54,10 +54,10 @@ START_OVER = "start over with train.resume=false (the old outputs are moved to r
 @dataclass
 class Start:
     """Where a run starts, agreed by every rank: ``epoch`` epochs are done (0 = fresh), and
-    ``state`` is this node's state at that point (None when fresh)."""
+    ``states`` are this process's nodes' states at that point, by node (None when fresh)."""
 
     epoch: int = 0
-    state: Optional[dict[str, Any]] = None
+    states: Optional[dict[int, dict[str, Any]]] = None
     history: list[list[dict[str, Any]]] = field(default_factory=list)  # rank 0: kept metrics, per epoch
 
 
@@ -239,7 +239,7 @@ class RunDir:
 
     # --- the start of a run: every rank agrees before anything is written ---------------------------
 
-    def start(self, cfg: RunConfig, index: int, model: str, config: dict[str, Any],
+    def start(self, cfg: RunConfig, rank: int, nodes: list[tuple[int, str]], config: dict[str, Any],
               gather: Callable[[Any], list[Any]], broadcast: Callable[[Any], Any]) -> Start:
         """Decide with every rank where the run starts, then (rank 0) prepare the directory.
 
@@ -247,29 +247,30 @@ class RunDir:
            and checkpoints present, the recorded config must be readable and agree (else
            every rank raises the same ConfigError).
         2. From the newest candidate epoch down (never past the marker), each rank loads its
-           node's file; the first epoch that every node has intact is the start (each
+           nodes' files (``nodes``: (index, model) of each node it hosts); the first epoch
+           that every node has intact is the start (each
            fallback is said). Checkpoints present but none intact: a one-line error naming
            the file.
         3. Only then rank 0 writes: a fresh start sets the earlier run's outputs aside; a
            resume keeps the metrics rows of the epochs it resumes (each once, a cut last
            line dropped). Its outcome is broadcast, so a failed write stops every rank."""
         seen = gather(self.scan())
-        verdict = self._judge(cfg, seen) if index == 0 else None
+        verdict = self._judge(cfg, seen) if rank == 0 else None
         verdict = broadcast(verdict)
-        for note in verdict["notes"] if index == 0 else ():
+        for note in verdict["notes"] if rank == 0 else ():
             log.info(note)
         if verdict["error"]:
             raise ConfigError(verdict["error"])
         start = Start()
         problems: list[str] = []
         for epoch in verdict["candidates"]:
-            state, why = self.load_checkpoint(epoch, index, model)
-            whys = [w for w in gather(why) if w]
+            loaded = {index: self.load_checkpoint(epoch, index, model) for index, model in nodes}
+            whys = [w for ws in gather([why for _, why in loaded.values() if why]) for w in ws]
             if not whys:
-                start = Start(epoch, state)
+                start = Start(epoch, {index: state for index, (state, _) in loaded.items()})
                 break
             problems += whys
-        if index == 0 and problems:
+        if rank == 0 and problems:
             log.warning("[resume] skipped a damaged checkpoint: " + "; ".join(problems)
                         + (f"; resuming from epoch {start.epoch}, the newest epoch every node has intact"
                            if start.epoch else ""))
@@ -279,13 +280,13 @@ class RunDir:
                                   f"{START_OVER}")
             # no marker: no group checkpoint was ever completed (a crash while the first was
             # being written): nothing to resume, so a fresh start (the partial files set aside)
-            if index == 0:
+            if rank == 0:
                 log.warning(f"[resume] {self.path / 'checkpoints'} holds no complete group checkpoint: starting fresh")
         if start.epoch > cfg.train.epochs:
             raise ConfigError(f"{self.path} holds a run at epoch {start.epoch} but train.epochs={cfg.train.epochs}: "
                               f"a run cannot be shortened; use train.epochs>={start.epoch}, or {START_OVER}")
         outcome = None
-        if index == 0:
+        if rank == 0:
             try:
                 start.history = self._prepare_writes(cfg, start.epoch, config)
             except OSError as e:

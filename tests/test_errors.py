@@ -27,7 +27,7 @@ T = "Through"
     (["graph.nodes.0.modle=convnet"], r"^graph.nodes\[0\] has unknown keys \['modle'\]; allowed: model, checkpoint$"),
     (["search.num_trials=3"], r"^search: unknown key\(s\) num_trials; allowed: name, num_nodes, "),
     (["epochs=5"], r"^epochs: no such option \(did you mean train.epochs\?\); top-level options: mode, seed, device, backend, "
-                   r"dist_timeout_s; sections: .*; presets: dataset=, experiment=, graph=, logger=, optim=, search=$"),
+                   r"dist_timeout_s, placement; sections: .*; presets: dataset=, experiment=, graph=, logger=, optim=, search=$"),
 ])
 def test_bad_names_on_the_command_line_are_refused(args, message):
     with pytest.raises(ConfigError, match=message):
