@@ -96,7 +96,7 @@ def _node(rank: int, world: int, port: int, cases: list[dict[str, Any]], device:
         for case in cases:
             if case["kind"] == "train":
                 cfg, spe = make_config(case["models"], case["batch_size"], case["steps"], device)
-                worker = NodeWorker(cfg, env, ex, data, None)
+                worker = NodeWorker(cfg, env, ex, data, None, case.get("placement"))
                 worker.timer = StepTimer(env.device)
                 worker.train_epoch(0)  # warm-up epoch (allocator, caches, first-call costs)
                 worker.timer.reset()
@@ -148,11 +148,11 @@ def run_group(world: int, cases: list[dict[str, Any]], device: str, pin: bool) -
     return [got[r] for r in range(world)]
 
 
-def sequential_step_time(models: list[str], batch: int, steps: int, pin: bool) -> float:
+def sequential_step_time(models: list[str], batch: int, steps: int, pin: bool, threads: int = 1) -> float:
     """Seconds per step of the single-process reference training ``models`` one after the
-    other (one thread; on core 0 with ``pin``), after one warm-up epoch."""
-    torch.set_num_threads(1)
-    if pin:
+    other (``threads`` threads; one thread runs on core 0 with ``pin``), after one warm-up epoch."""
+    torch.set_num_threads(threads)
+    if pin and threads == 1:
         _pin(ALLOWED[0])
     cfg, spe = make_config(models, batch, steps, "cpu")
     group = SequentialGroup(cfg, load_dataset("digits", val_fraction=0.0))
@@ -165,7 +165,20 @@ def sequential_step_time(models: list[str], batch: int, steps: int, pin: bool) -
         n += 1
     dt = (time.perf_counter() - t) / n
     _pin(None)  # the next group's processes are spawned from here: do not pass the pin on
+    torch.set_num_threads(1)
     return dt
+
+
+def placed(models: list[str], processes: int) -> list[list[int]]:
+    """The trainer's own placement of ``models`` on ``processes`` processes (auto: balanced)."""
+    from actors.placement import resolve_placement
+
+    return resolve_placement("auto", models, 10, 1, 8, processes)
+
+
+def group_step(rows: list[dict[str, Any]]) -> float:
+    """The group moves at its slowest process's pace."""
+    return max(r["step"] for r in rows)
 
 
 def ms(v: float) -> str:
@@ -270,6 +283,51 @@ def main(argv=None) -> int:
     for i, (r, model) in enumerate(zip(hetero, ["resnet32", "resnet110"])):
         print(f"| {i} | {model} | " + " | ".join(ms(r[p]) for p in ("forward", "wait", "exchange", "loss", "backward", "optimizer"))
               + f" | {ms(r['step'])} | {100 * r['wait'] / r['step']:.0f}% |")
+
+    # 6. packing: a mixed graph on P = M, balanced P < M, and one process
+    mixed = ["resnet32", "resnet32", "resnet110"]
+    packing = {}
+    for p in (3, 2, 1):
+        case6 = {"kind": "train", "models": mixed, "batch_size": 64, "steps": args.steps, "placement": placed(mixed, p)}
+        packing[p] = ([g[0] for g in run_group(p, [case6], args.device, args.pin)], case6["placement"])
+    print("\n### 6. Several nodes per process: ResNet32, ResNet32, ResNet110 (batch 64, one thread per process)\n")
+    print("| processes | placement | step (ms) | images/s | slowest process waits (ms) | fastest process waits |")
+    print("|---|---|---|---|---|---|")
+    for p, (rows, placement) in packing.items():
+        g = group_step(rows)
+        waits = [r["wait"] / r["step"] for r in rows]
+        print(f"| {p} | {placement} | {ms(g)} | {64 / g:.0f} | {ms(min(r['wait'] for r in rows))} | {100 * max(waits):.0f}% |")
+    raw["packing"] = {str(p): {"placement": pl, "rows": rows, "images_per_s": 64 / group_step(rows)} for p, (rows, pl) in packing.items()}
+
+    # 7. many nodes on 2 processes
+    sizes = (2, 4, 8, 16, 32) if not args.quick else (2, 4)
+    world7 = min(2, len(ALLOWED)) if args.device == "cpu" else 2
+    cases7 = [{"kind": "train", "models": ["convnet"] * m, "batch_size": 64, "steps": args.steps,
+               "placement": placed(["convnet"] * m, world7)} for m in sizes]
+    scaling = run_group(world7, cases7, args.device, args.pin)
+    print(f"\n### 7. M ConvNet nodes on {world7} processes (batch 64): how the step grows with M\n")
+    print("| nodes | nodes per process | step (ms) | step per node (ms) | exchange (ms) | exchange % | images/s per node |")
+    print("|---|---|---|---|---|---|---|")
+    raw["scaling"] = []
+    for j, m in enumerate(sizes):
+        rows = [g[j] for g in scaling]
+        g = group_step(rows)
+        ex = mean_over_nodes(rows, "exchange")
+        raw["scaling"].append({"nodes": m, "step": g, "exchange": ex})
+        print(f"| {m} | {m // world7} | {ms(g)} | {ms(g / m)} | {ms(ex)} | {100 * ex / g:.1f}% | {64 / g:.0f} |")
+
+    # 8. against a single process using every core
+    if seq:
+        threads = len(ALLOWED)
+        s_all = sequential_step_time(["resnet32"] * 2, 64, args.steps, args.pin, threads=threads)
+        g2 = group_step(case(2, 64))
+        raw["sequential_all_cores"] = {"threads": threads, "step": s_all}
+        print(f"\n### 8. 2 x ResNet32, batch 64: the group against one process with all {threads} cores\n")
+        print("| run | step (ms) | images/s |")
+        print("|---|---|---|")
+        print(f"| group: 2 processes x 1 thread | {ms(g2)} | {64 / g2:.0f} |")
+        print(f"| one process, {threads} threads, the models in turn | {ms(s_all)} | {64 / s_all:.0f} |")
+        print(f"| one process, 1 thread | {ms(seq['resnet32x2'])} | {64 / seq['resnet32x2']:.0f} |")
 
     # 5. the headline pair, repeated: this machine's noise moves single runs by ~10%
     if args.device == "cpu" and args.repeats:

@@ -215,7 +215,7 @@ def test_skipped_steps_count_in_no_metric(one_thread):
             return (total * float("nan"), terms * float("nan")) if len(calls) % 2 == 0 else (total, terms)
 
         worker.node.loss = every_other_nan
-        m = worker.train_epoch(0).record()
+        [m] = [r.record() for r in worker.train_epoch(0)]
     finally:
         shutdown()
     assert m["skipped_steps"] == 4

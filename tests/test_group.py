@@ -65,4 +65,4 @@ def test_a_killed_actor_fails_the_group_fast(ray_cluster, tmp_path):
     survivor = group.actors[0]
     group.shutdown()
     with pytest.raises(RayActorError):
-        ray.get(survivor.state.remote(), timeout=60)
+        ray.get(survivor.states.remote(), timeout=60)
