@@ -156,15 +156,24 @@ def main(cfg: DictConfig) -> None:
         exit_on_config_error(e)
 
 
+def add_overrides(argv: list[str], extra: list[str]) -> list[str]:
+    """``argv`` with ``extra`` overrides placed right after the user's last override, so they
+    join the same run of positional arguments (hydra's argparse refuses overrides on both
+    sides of a flag such as ``--cfg job``)."""
+    last = max((i for i, a in enumerate(argv) if i and "=" in a and not a.startswith("-")), default=len(argv) - 1)
+    return argv[: last + 1] + extra + argv[last + 1 :]
+
+
 if __name__ == "__main__":
     if int(os.environ.get("RANK", "0")) != 0:
         # One hydra output (config, log) per run, written by rank 0; other ranks stay quiet.
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+        sys.argv = add_overrides(sys.argv, ["hydra.output_subdir=null", "hydra/job_logging=disabled",
+                                            "hydra/hydra_logging=disabled"])
     elif "mode=search" not in sys.argv[1:] and not any(a.startswith("hydra.output_subdir=") for a in sys.argv[1:]):
         # A training run records its config in run_config.json once it owns the run directory;
         # hydra's .hydra/ would be rewritten by any command pointed at the directory, even one
         # that is then refused because another run holds it.
-        sys.argv += ["hydra.output_subdir=null"]
+        sys.argv = add_overrides(sys.argv, ["hydra.output_subdir=null"])
     try:
         check_overrides(sys.argv[1:])  # preset and option names, before hydra's own errors
         sys.argv = use_graph_files(sys.argv)

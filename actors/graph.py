@@ -40,9 +40,11 @@ class GraphSpec:
     """A knowledge transfer graph; validated on construction."""
 
     nodes: list[NodeSpec]
-    """The nodes, node 0 the target: each ``{model: <zoo name>, checkpoint: <path or null>}``."""
+    """The nodes, node 0 the target: each ``{model: <zoo name>, checkpoint: <path or null>}``;
+    or ``{model: <zoo name>, count: M}`` for M nodes of one model (``graph.nodes.count=32``)."""
     gates: list[list[str]]
-    """``gates[t][s]``: gate of edge s -> t (row = receiver); the diagonal is the label edge."""
+    """``gates[t][s]``: gate of edge s -> t (row = receiver); the diagonal is the label edge.
+    One gate name stands for every edge (``Through``: deep mutual learning over all nodes)."""
     name: str = "graph"
     """The graph's name, used in the run directory's name and the wandb run's."""
     temperature: float = 1.0
@@ -67,8 +69,21 @@ class GraphSpec:
     exactly 0, as both reference codes do; the learning-rate schedule still advances."""
 
     def __post_init__(self) -> None:
+        # shorthands for large graphs: nodes {model: m, count: M} (M nodes of model m), and one
+        # gate name for every edge, label edges included (gates: Through is DML over M nodes)
+        if isinstance(self.nodes, dict) and "count" in self.nodes:
+            count = self.nodes["count"]
+            unknown = set(self.nodes) - {"model", "count"}
+            if unknown or "model" not in self.nodes:
+                raise ConfigError(f"graph.nodes as {{model: <name>, count: <M>}} takes exactly those keys; got {sorted(self.nodes)}")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ConfigError(f"graph.nodes.count must be an integer >= 1; got {count!r}")
+            self.nodes = [{"model": self.nodes["model"]} for _ in range(count)]
+        if isinstance(self.gates, str) and isinstance(self.nodes, list):
+            self.gates = [[self.gates] * len(self.nodes) for _ in self.nodes]
         if not isinstance(self.nodes, list) or not self.nodes:
-            raise ConfigError("graph.nodes must be a non-empty list of {model: <name>, checkpoint: <path or null>}")
+            raise ConfigError("graph.nodes must be a non-empty list of {model: <name>, checkpoint: <path or null>}, "
+                              "or {model: <name>, count: <M>}")
         nodes = []
         for i, n in enumerate(self.nodes):
             if isinstance(n, NodeSpec):
@@ -174,6 +189,13 @@ class GraphSpec:
         if self.skip_zero_loss:
             head += ", skip_zero_loss"
         lines = [head]
+        if self.num_nodes > 8 and all(len({g for g in row}) == 1 for row in self.gates) \
+                and len({row[0] for row in self.gates}) == 1:
+            models = {}
+            for n in self.nodes:
+                models[n.model] = models.get(n.model, 0) + 1
+            lines.append(f"  nodes: {', '.join(f'{c} x {m}' for m, c in models.items())}; every edge {self.gates[0][0]}")
+            return "\n".join(lines)
         for t, n in enumerate(self.nodes):
             role = "target" if t == 0 else ("frozen" if self.is_frozen(t) else "")
             inc = ", ".join(f"{'label' if s == t else s}:{g}" for s, g in self.incoming(t)) or "nothing"

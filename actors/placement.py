@@ -136,5 +136,13 @@ def describe_placement(placement: Sequence[Sequence[int]], costs: Sequence[float
     lines = []
     for p, nodes in enumerate(placement):
         share = 100.0 * sum(costs[t] for t in nodes) / total
-        lines.append(f"process {p}: {', '.join(f'{t} {models[t]}' for t in nodes)} ({share:.0f}%)")
+        if len(nodes) <= 6:
+            listed = ", ".join(f"{t} {models[t]}" for t in nodes)
+        else:  # a long list: the node indices, then the models counted
+            counts: dict[str, int] = {}
+            for t in nodes:
+                counts[models[t]] = counts.get(models[t], 0) + 1
+            listed = (f"{len(nodes)} nodes ({', '.join(map(str, nodes))}): "
+                      + ", ".join(f"{c} x {m}" for m, c in counts.items()))
+        lines.append(f"process {p}: {listed} ({share:.0f}%)")
     return "\n".join(lines)

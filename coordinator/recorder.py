@@ -16,8 +16,21 @@ from coordinator.rundir import RunDir
 log = logging.getLogger("ktg")
 
 
+SPELLED_OUT = 8
+"""Graphs of up to this many nodes get every node in the console lines; larger ones the
+target and the spread of the others (every node's numbers are in metrics.jsonl and wandb)."""
+
+
 def _fmt(v: Optional[float]) -> str:
     return "  -  " if v is None else f"{v:5.1f}"
+
+
+def _spread(values: list[Optional[float]], digits: int = 1) -> str:
+    """``mean m [min-max]`` of the values that exist."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "  -  "
+    return f"mean {sum(vals) / len(vals):5.{digits}f} [{min(vals):.{digits}f}-{max(vals):.{digits}f}]"
 
 
 def wandb_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,9 +102,14 @@ class RunRecorder:
         self.train_time += max(r["train_time_s"] for r in rows)
         self.run_dir.append_metrics(rows)
         e, r0 = rows[0]["epoch"], rows[0]
+        shown = rows if len(rows) <= SPELLED_OUT else rows[:1]
         parts = [f"n{r['node']} {r['model']}{'*' if r['frozen'] else ''} "
                  f"loss {r['train_loss'] if r['train_loss'] is not None else float('nan'):.3f} "
-                 f"val {_fmt(r['val_acc'])} test {_fmt(r['test_acc'])}" for r in rows]
+                 f"val {_fmt(r['val_acc'])} test {_fmt(r['test_acc'])}" for r in shown]
+        if len(rows) > SPELLED_OUT:
+            others = rows[1:]
+            parts.append(f"the other {len(others)}: val {_spread([r['val_acc'] for r in others])} "
+                         f"test {_spread([r['test_acc'] for r in others])}")
         log.info(f"epoch {e:>3}/{self.cfg.train.epochs} | " + " | ".join(parts)
                  + f" | ens test {_fmt(r0['ensemble_test_acc'])} | {r0['train_time_s']:.1f}s")
         if self.wandb is not None:
@@ -123,9 +141,12 @@ class RunRecorder:
             "images_per_s": images / self.train_time if self.train_time > 0 else None,
         }
         self.run_dir.write_summary(summary)
+        shown = nodes if len(nodes) <= SPELLED_OUT else nodes[:1]
+        others = "" if len(nodes) <= SPELLED_OUT else (
+            f"; the other {len(nodes) - 1}: {_spread([n['final_test_acc'] for n in nodes[1:]], 2)}")
         log.info("final test accuracy: " + ", ".join(
-            f"node {n['index']} ({n['model']}{'*' if n['frozen'] else ''}) {n['final_test_acc']:.2f}%" for n in nodes)
-            + f"; ensemble {summary['ensemble_test_acc']:.2f}%")
+            f"node {n['index']} ({n['model']}{'*' if n['frozen'] else ''}) {n['final_test_acc']:.2f}%" for n in shown)
+            + others + f"; ensemble {summary['ensemble_test_acc']:.2f}%")
         log.info(f"wall {summary['wall_s']:.1f}s, {summary['images_per_s']:.0f} images/s; outputs in {self.run_dir}")
         if self.wandb is not None:
             import wandb

@@ -82,3 +82,14 @@ def test_node_loss_mean_reduction_averages_cross_edges():
     m, _ = node_mean.loss(logits, all_logits, y, 0.3)
     assert torch.allclose(m, terms[0] + (terms[1] + terms[2]) / 2)
     assert torch.allclose(s, terms.sum())
+
+
+def test_large_graph_shorthands_expand_to_the_full_lists():
+    g = GraphSpec.from_dict({"name": "many", "nodes": {"model": "convnet", "count": 12}, "gates": "Through"})
+    assert g.num_nodes == 12 and all(n.model == "convnet" for n in g.nodes)
+    assert g.gates == [["Through"] * 12 for _ in range(12)]
+    assert g.describe().splitlines()[1] == "  nodes: 12 x convnet; every edge Through"
+    with pytest.raises(ConfigError, match="graph.nodes.count must be an integer >= 1; got 0"):
+        GraphSpec.from_dict({"nodes": {"model": "convnet", "count": 0}, "gates": "Through"})
+    with pytest.raises(ConfigError, match=r"takes exactly those keys; got \['count', 'size'\]"):
+        GraphSpec.from_dict({"nodes": {"count": 3, "size": 2}, "gates": "Through"})

@@ -111,3 +111,12 @@ def test_nccl_on_a_machine_without_cuda_under_torchrun(tmp_path):
     assert "2" in codes and set(codes) <= {"2", "-15"}, err[-3000:]  # the ConfigError exit (or torchrun's SIGTERM), no crash
     assert not PROJECT_FRAME.search(err), err[-3000:]  # no traceback through the project's code
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_added_overrides_join_the_users_overrides_around_flags():
+    from launch import add_overrides
+
+    extra = ["hydra.output_subdir=null"]
+    assert add_overrides(["launch.py", "graph=dml", "--cfg", "job"], extra) == ["launch.py", "graph=dml", *extra, "--cfg", "job"]
+    assert add_overrides(["launch.py", "--cfg", "job", "graph=dml"], extra) == ["launch.py", "--cfg", "job", "graph=dml", *extra]
+    assert add_overrides(["launch.py"], extra) == ["launch.py", *extra]
