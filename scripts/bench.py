@@ -19,6 +19,9 @@ reference uses one: the comparison the reference implementations invite). Tables
 4. a heterogeneous graph (ResNet32 + ResNet110): how long the fast node waits;
 5. the 2-node group vs the single process again, ``--repeats`` times interleaved (median):
    step times on a shared VM move by 10-20% from minute to minute.
+6. several nodes per process: ResNet32 + ResNet32 + ResNet110 on P = 3, 2 (balanced), 1;
+7. M = 2..32 ConvNet nodes packed on 2 processes: how the step and the exchange grow;
+8. the 2-node group against one process using every core (the best single-process run).
 
 "wait" is the time a node spends in the all-gather before the slowest node arrives
 (load imbalance); "exchange" is the rest of the all-gather (the transfer itself, plus
