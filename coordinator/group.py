@@ -24,16 +24,17 @@ from coordinator.rundir import RunDir
 
 
 class ActorGroup:
-    """Start, drive and stop the M node actors of one graph.
+    """Start, drive and stop the actors of one graph: one per node, or ``processes`` actors
+    that host the M nodes between them (placed by ``placement=auto``: balanced FLOPs).
 
-    ``placement_group``: the trial's group (bundle 0 is the driver, bundles 1..M the nodes);
+    ``placement_group``: the trial's group (bundle 0 is the driver, bundles 1..P the actors);
     None schedules the actors anywhere (a standalone run). ``run_dir``: where each node
     writes its final state (None: nowhere)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Optional[str], placement_group=None,
                  cpus_per_node: float = 1, gpus_per_node: float = 0,
-                 states: Optional[list[dict[str, Any]]] = None):
-        m = cfg.graph.num_nodes
+                 states: Optional[list[dict[str, Any]]] = None, processes: Optional[int] = None):
+        m = processes or cfg.graph.num_nodes
         self.cfg = cfg
         remote = ray.remote(NodeActor)
         rd = RunDir(run_dir) if run_dir else None
@@ -45,8 +46,9 @@ class ActorGroup:
                     placement_group=placement_group, placement_group_bundle_index=i + 1)
             self.actors.append(remote.options(**opts).remote(cfg, i, m, rd.node_files if rd else None))
         init_method = ray.get(self.actors[0].rendezvous.remote())
-        self.steps_per_epoch = ray.get([a.setup.remote(init_method, {i: states[i]} if states else None)
-                                        for i, a in enumerate(self.actors)])[0]
+        # every actor is handed every node's state and loads those of the nodes it hosts
+        every = ray.put(dict(enumerate(states))) if states else None
+        self.steps_per_epoch = ray.get([a.setup.remote(init_method, every) for a in self.actors])[0]
         self._checkpoint_dir: Optional[tempfile.TemporaryDirectory] = None
 
     def run_epoch(self, epoch: int, checkpoint: bool = False) -> list[NodeEpochMetrics]:

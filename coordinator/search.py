@@ -45,7 +45,7 @@ RECORD = "search_space.json"
 """What defines a search, written into the experiment folder when it starts; a resume checks it."""
 DEFINING = ("num_nodes", "target_model", "zoo", "models", "gates", "frozen", "teachers_dir", "extra",
             "num_samples", "max_epochs", "grace_period", "reduction_factor", "searcher",
-            "cpus_per_node", "gpus_per_node")
+            "cpus_per_node", "gpus_per_node", "processes_per_trial")
 """SearchConfig fields recorded and compared on resume: the space, the trial budget, ASHA's
 schedule, the sampler, and each trial's resources (a resumed trial keeps its placement group, so
 other per-node resources would not fit it). The rest say how this attempt runs and apply to a
@@ -147,7 +147,8 @@ def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfi
         import ray
 
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    group = ActorGroup(cfg, str(run_dir), get_current_placement_group(), space.cpus_per_node, gpus, states)
+    group = ActorGroup(cfg, str(run_dir), get_current_placement_group(), space.cpus_per_node, gpus, states,
+                       processes=space.processes)
     recorder = RunRecorder(cfg, run_dir, cfg_dict, wandb_name=f"{experiment}-{trial_id}", history=history)
 
     def report(r: EpochReport) -> None:
@@ -362,6 +363,9 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
     base["train"]["checkpoint_every"] = 0  # trials checkpoint through Tune (search.checkpoint_every)
     base["train"]["progress"] = "off"  # the search prints its own progress (Progress)
     RunConfig.from_dict({**base, "graph": {"nodes": [space.target_model], "gates": [["Through"]]}})  # validate early
+    if base.get("placement", "auto") != "auto":
+        raise ConfigError(f"placement={base['placement']!r}: a search places each trial's nodes itself; leave placement=auto "
+                          "and set search.processes_per_trial (0 = one process per node)")
     space = copy.deepcopy(space)
     record = search_record(space, base, seed)
     space.teachers_dir = os.path.abspath(space.teachers_dir)
@@ -383,7 +387,7 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
         import ray
 
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    bundles = [{"CPU": 1}] + [{"CPU": space.cpus_per_node, "GPU": gpus}] * space.num_nodes
+    bundles = [{"CPU": 1}] + [{"CPU": space.cpus_per_node, "GPU": gpus}] * space.processes
     trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
 
     callbacks = [Progress(space.num_samples, space.max_epochs)] if space.verbose else []

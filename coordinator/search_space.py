@@ -53,6 +53,10 @@ class SearchConfig:
     """Trials at once (0 = as many as the resources allow)."""
     cpus_per_node: float = 1.0
     """Logical CPUs each node actor reserves (the trial's driver reserves 1 more)."""
+    processes_per_trial: int = 0
+    """Processes (Ray actors) each trial's graph runs in: 0 = one per node; fewer pack several
+    nodes into each (balanced on their FLOPs, ``placement=auto``), e.g. a 4-node graph on 1
+    GPU with processes_per_trial=1. cpus_per_node and gpus_per_node are then per process."""
     gpus_per_node: Optional[float] = None
     """GPUs per node actor; null = 1 if the Ray cluster has GPUs, else 0."""
     num_cpus: Optional[int] = None
@@ -114,12 +118,21 @@ class SearchConfig:
                 raise ConfigError(f"search.{key} must be an integer >= 1; got {v!r}")
         if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor < 2:
             raise ConfigError(f"search.reduction_factor must be >= 2; got {self.reduction_factor!r}")
+        if not isinstance(self.processes_per_trial, int) or isinstance(self.processes_per_trial, bool) \
+                or not 0 <= self.processes_per_trial <= self.num_nodes:
+            raise ConfigError(f"search.processes_per_trial must be an integer from 0 (one per node) to search.num_nodes="
+                              f"{self.num_nodes}; got {self.processes_per_trial!r}")
         if self.grace_period > self.max_epochs:
             raise ConfigError(f"search.grace_period={self.grace_period} exceeds search.max_epochs={self.max_epochs}")
         self.extra = _flatten(self.extra or {})
         for key, values in self.extra.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"search.extra.{key} must be a non-empty list of values to try")
+
+    @property
+    def processes(self) -> int:
+        """The Ray actors of each trial's group."""
+        return self.processes_per_trial or self.num_nodes
 
     # --- the space ------------------------------------------------------------------------------
 

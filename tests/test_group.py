@@ -66,3 +66,32 @@ def test_a_killed_actor_fails_the_group_fast(ray_cluster, tmp_path):
     group.shutdown()
     with pytest.raises(RayActorError):
         ray.get(survivor.states.remote(), timeout=60)
+
+
+def test_a_packed_group_trains_the_same_nodes_and_restores_into_another_packing(ray_cluster, tmp_path):
+    """Three nodes in one actor, then (after a 'failure') in two: bitwise the weights of one
+    actor per node (what a search trial with search.processes_per_trial does)."""
+    from coordinator.group import ActorGroup
+
+    cfg = small_config(["convnet", "resnet20", "convnet"], [[T, "Linear", T], [T, T, "Cutoff"], ["Correct", T, T]],
+                       train__epochs=2, train__max_steps_per_epoch=4)
+    straight = ActorGroup(cfg, str(tmp_path / "a"))
+    rows_a = [straight.run_epoch(e) for e in range(2)]
+    final_a = straight.states()
+    straight.shutdown()
+
+    one = ActorGroup(cfg, str(tmp_path / "b"), processes=1)
+    assert len(one.actors) == 1
+    rows_b = [one.run_epoch(0)]
+    saved = one.states()
+    one.shutdown()
+    two = ActorGroup(cfg, str(tmp_path / "b"), states=saved, processes=2)
+    rows_b.append(two.run_epoch(1))
+    final_b = two.states()
+    two.shutdown()
+
+    strip = lambda rows: [{k: v for k, v in m.record().items() if not k.endswith("time_s")} for m in rows]  # noqa: E731
+    assert [strip(r) for r in rows_b] == [strip(r) for r in rows_a]
+    for a, b in zip(final_a, final_b):
+        assert a["meta"]["node"] == b["meta"]["node"]
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

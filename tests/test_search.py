@@ -31,6 +31,7 @@ def space(**kw):
     (dict(frozen="sometimes"), r"search.frozen must be one of teachers, exclude"),
     (dict(grace_period=5, max_epochs=4), r"search.grace_period=5 exceeds search.max_epochs=4"),
     (dict(reduction_factor=1), r"search.reduction_factor must be >= 2"),
+    (dict(processes_per_trial=4), r"search.processes_per_trial must be an integer from 0 \(one per node\) to search.num_nodes=3"),
 ])
 def test_bad_search_spaces_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -186,3 +187,32 @@ def test_a_failed_trial_is_retried_from_its_last_checkpoint(tmp_path):
     # Tune's own record: epochs 1..20 reported once each, so the retry did not start over
     reported = [json.loads(l)["epoch"] for l in next(out.glob("trial_*/result.json")).read_text().splitlines()]  # noqa: E741
     assert reported == list(range(1, 21)), reported
+
+
+def test_a_search_packs_each_trials_graph_into_fewer_actors(tmp_path):
+    """search.processes_per_trial=1: every 3-node trial runs in one actor (one GPU's worth)."""
+    import json
+
+    import ray
+
+    from coordinator.search import run_search
+
+    out = tmp_path / "exp-packed-digits"
+    s = SearchConfig(name="packed", num_nodes=3, target_model="convnet", zoo=["convnet"], gates=["Through", "Linear"],
+                     num_samples=2, max_epochs=2, grace_period=2, num_cpus=4, verbose=0, processes_per_trial=1,
+                     teachers_dir=str(tmp_path / "none"))
+    base = {"dataset": {"name": "digits", "crop_pad": 1, "flip": False},
+            "optim": {"lr": 0.05, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
+            "train": {"batch_size": 64, "num_threads": 1, "max_steps_per_epoch": 4}, "logger": {"backend": "none"}}
+    with pytest.raises(ConfigError, match="a search places each trial's nodes itself"):
+        run_search(s, {**base, "placement": [[0, 1, 2]]}, tmp_path / "refused", seed=0)
+    try:
+        summary = run_search(s, base, out, seed=0)
+    finally:
+        ray.shutdown()
+    assert summary["failed"] == 0
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    for f in out.glob("trial_*/metrics.jsonl"):
+        lines = [json.loads(line) for line in f.read_text().splitlines()]
+        assert sorted((r["epoch"], r["node"]) for r in lines) == [(e, n) for e in (1, 2) for n in range(3)]
