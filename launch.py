@@ -46,9 +46,15 @@ def _launcher_start_time() -> Optional[float]:
 
 
 def run_id() -> str:
-    """``KTG_RUN_ID`` if set; under torchrun the agent's start time; else now."""
+    """``KTG_RUN_ID`` if set; under torchrun on several machines the rendezvous id (the same
+    on every machine: ``--rdzv-id``; without one, give ``hydra.run.dir``); under torchrun on
+    one machine the agent's start time; else now."""
     if os.environ.get("KTG_RUN_ID"):
         return os.environ["KTG_RUN_ID"]
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if rdzv != "none" and world.isdigit() and local.isdigit() and int(world) > int(local):
+        return rdzv
     t = time.time()
     if "TORCHELASTIC_RUN_ID" in os.environ:
         start = _launcher_start_time()

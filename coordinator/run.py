@@ -47,6 +47,8 @@ class TorchrunGroup:
 
     def commit_checkpoint(self, epochs_done: int) -> Optional[Path]:
         if self.worker.rank != 0:
+            if self.run_dir.tends_own_copy:  # another machine's copy of the directory: its old epochs go too
+                self.run_dir.prune(epochs_done, self.keep)
             return None
         self.run_dir.mark_complete(epochs_done, self.worker.cfg.graph.num_nodes, self.keep)
         return self.run_dir.epoch_dir(epochs_done)
@@ -73,7 +75,7 @@ def run_node(cfg: RunConfig, run_dir: str | Path, rank: int, world_size: int, lo
         recorder = None
         try:
             exchange = worker.exchange
-            start = rd.start(cfg, rank, [(n.index, n.model_name) for n in worker.nodes], config_dict or cfg.to_dict(),
+            start = rd.start(cfg, rank, worker.placement, config_dict or cfg.to_dict(),
                              exchange.gather_objects, exchange.broadcast_object)
             if start.states is not None:
                 worker.load_states(start.states)

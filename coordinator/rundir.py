@@ -83,13 +83,14 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock_fd: Optional[int] = None
+        self.tends_own_copy = False  # set by start(): this rank keeps a machine's own copy
 
     def __str__(self) -> str:
         return str(self.path)
 
     def __getstate__(self) -> dict[str, Any]:
         """Handed to another process (a node's ``NodeFiles``): the path, never the lock."""
-        return {"path": self.path, "_lock_fd": None}
+        return {"path": self.path, "_lock_fd": None, "tends_own_copy": False}
 
     def node_files(self, index: int) -> NodeFiles:
         return NodeFiles(self, index)
@@ -194,10 +195,22 @@ class RunDir:
         """Rank 0, after every node saved ``epoch``: move the marker, prune old epochs."""
         root = self.path / "checkpoints"
         atomic_write_text(json.dumps({"epoch": epoch, "nodes": num_nodes}) + "\n", root / MARKER)
+        self.prune(epoch, keep)
+
+    def prune(self, epoch: int, keep: int = 2) -> None:
+        """Remove all but the newest ``keep`` epoch folders (never ``epoch``'s): rank 0, and
+        the first rank of each machine whose copy of the directory is its own."""
+        root = self.path / "checkpoints"
         epochs = sorted(p for p in root.glob("epoch_*") if p.is_dir())
         for old in epochs[: max(0, len(epochs) - keep)]:
             if old.name != self.epoch_dir(epoch).name:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def record_files(self) -> dict[str, str]:
+        """The texts of the run's record in this copy (config, marker, run state, metrics):
+        what another machine's rank 0 needs to judge and continue the run."""
+        names = [CONFIG, STATE, METRICS, f"checkpoints/{MARKER}"]
+        return {n: (self.path / n).read_text() for n in names if (self.path / n).is_file()}
 
     def scan(self) -> dict[str, Any]:
         """What this machine's copy holds: the marker's epoch (or why it does not parse) and
@@ -215,7 +228,12 @@ class RunDir:
                 epochs.append(int(p.name[len("epoch_"):]))
             except ValueError:
                 continue
-        return {"marker": epoch, "marker_problem": problem, "marker_exists": marker.exists(), "epochs": sorted(epochs)}
+        try:
+            owner = (self.path / LOCK).read_text().strip()  # rank 0's lock line, where its copy is seen
+        except OSError:
+            owner = None
+        return {"marker": epoch, "marker_problem": problem, "marker_exists": marker.exists(), "epochs": sorted(epochs),
+                "owner": owner, "host": socket.gethostname(), "record": (self.path / CONFIG).is_file()}
 
     def load_checkpoint(self, epoch: int, index: int, model: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
         """Node ``index``'s state at ``epoch`` if it loads and is what it should be, else
@@ -239,22 +257,40 @@ class RunDir:
 
     # --- the start of a run: every rank agrees before anything is written ---------------------------
 
-    def start(self, cfg: RunConfig, rank: int, nodes: list[tuple[int, str]], config: dict[str, Any],
+    def start(self, cfg: RunConfig, rank: int, placement: list[list[int]], config: dict[str, Any],
               gather: Callable[[Any], list[Any]], broadcast: Callable[[Any], Any]) -> Start:
         """Decide with every rank where the run starts, then (rank 0) prepare the directory.
 
         1. Each rank says what it sees; rank 0 judges the directory: with ``train.resume``
            and checkpoints present, the recorded config must be readable and agree (else
            every rank raises the same ConfigError).
-        2. From the newest candidate epoch down (never past the marker), each rank loads its
-           nodes' files (``nodes``: (index, model) of each node it hosts); the first epoch
-           that every node has intact is the start (each
-           fallback is said). Checkpoints present but none intact: a one-line error naming
+        2. From the newest candidate epoch down (never past the marker), each node's file is
+           loaded by the rank that hosts it (``placement[rank]``) or, when that rank's copy of
+           the directory lacks it (several machines, no shared disk, ranks placed anew), by
+           a rank that has it, and sent over; the first epoch that every node has intact
+           is the start (each fallback is said). Checkpoints present but none intact: a one-line error naming
            the file.
         3. Only then rank 0 writes: a fresh start sets the earlier run's outputs aside; a
            resume keeps the metrics rows of the epochs it resumes (each once, a cut last
-           line dropped). Its outcome is broadcast, so a failed write stops every rank."""
+           line dropped); so does the first rank of each machine with its own copy, to its
+           copy. Every outcome is gathered, so a failed write stops every rank."""
         seen = gather(self.scan())
+        holder = max(range(len(seen)), key=lambda r: (seen[r]["marker"] or 0, seen[r]["record"], r == 0))
+        if holder != 0 and seen[holder]["marker"] and (seen[holder]["marker"], seen[holder]["record"]) > \
+                (seen[0]["marker"] or 0, seen[0]["record"]):
+            # the run's record (config, marker, metrics) is on another machine's copy, whose
+            # rank 0 it was in an earlier attempt: it comes to this rank 0's copy first
+            record = gather(self.record_files() if rank == holder else None)[holder]
+            if rank == 0:
+                for name, text in record.items():
+                    atomic_write_text(text, self.path / name)
+                log.info(f"[resume] the run's record (config, checkpoint marker, metrics) was on the machine of rank "
+                         f"{holder} this time: copied to {self.path}")
+            seen[0] = gather(self.scan())[0]
+        # ranks whose copy of the directory is not rank 0's (another machine, no shared disk):
+        # the first rank of each such copy tends it (sets aside, prunes)
+        copies = [None if s["owner"] == seen[0]["owner"] else (s["host"], s["owner"]) for s in seen]
+        self.tends_own_copy = copies[rank] is not None and copies.index(copies[rank]) == rank
         verdict = self._judge(cfg, seen) if rank == 0 else None
         verdict = broadcast(verdict)
         for note in verdict["notes"] if rank == 0 else ():
@@ -263,11 +299,23 @@ class RunDir:
             raise ConfigError(verdict["error"])
         start = Start()
         problems: list[str] = []
+        host_of = {t: r for r, hosted in enumerate(placement) for t in hosted}
         for epoch in verdict["candidates"]:
-            loaded = {index: self.load_checkpoint(epoch, index, model) for index, model in nodes}
-            whys = [w for ws in gather([why for _, why in loaded.values() if why]) for w in ws]
+            present = gather([t for t in range(cfg.graph.num_nodes) if self.checkpoint_path(epoch, t).is_file()])
+            provider = {t: host_of[t] if t in present[host_of[t]] else next((r for r, ts in enumerate(present) if t in ts), None)
+                        for t in host_of}
+            loaded = {t: self.load_checkpoint(epoch, t, cfg.graph.nodes[t].model) for t, r in provider.items() if r == rank}
+            mine = [why for _, why in loaded.values() if why]
+            if rank == 0:
+                mine += [f"{self.checkpoint_path(epoch, t)} is missing" for t, r in provider.items() if r is None]
+            whys = [w for ws in gather(mine) for w in ws]
             if not whys:
-                start = Start(epoch, {index: state for index, (state, _) in loaded.items()})
+                states = {t: s for t, (s, _) in loaded.items() if host_of[t] == rank}
+                away = {t: s for t, (s, _) in loaded.items() if host_of[t] != rank}
+                if any(r != host_of[t] for t, r in provider.items()):  # some node's file is on another machine
+                    for sent in gather(away):
+                        states.update({t: s for t, s in sent.items() if host_of[t] == rank})
+                start = Start(epoch, states)
                 break
             problems += whys
         if rank == 0 and problems:
@@ -286,12 +334,15 @@ class RunDir:
             raise ConfigError(f"{self.path} holds a run at epoch {start.epoch} but train.epochs={cfg.train.epochs}: "
                               f"a run cannot be shortened; use train.epochs>={start.epoch}, or {START_OVER}")
         outcome = None
-        if rank == 0:
-            try:
+        try:
+            if rank == 0:
                 start.history = self._prepare_writes(cfg, start.epoch, config)
-            except OSError as e:
-                outcome = f"cannot prepare the run directory {self.path} ({type(e).__name__}: {e})"
-        outcome = broadcast(outcome)
+            elif self.tends_own_copy:
+                self._prepare_own_copy(cfg, start.epoch)
+        except OSError as e:
+            outcome = f"cannot prepare the run directory {self.path} ({type(e).__name__}: {e})"
+        outcomes = [o for o in gather(outcome) if o]
+        outcome = outcomes[0] if outcomes else None
         if outcome:
             raise ConfigError(outcome)
         return start
@@ -335,6 +386,20 @@ class RunDir:
                                         f"{START_OVER}"}
         verdict["candidates"] = epochs
         return verdict
+
+    def _prepare_own_copy(self, cfg: RunConfig, epoch: int) -> None:
+        """The first rank of a machine with its own copy of the directory: what rank 0 does
+        to its copy, for the node files kept here (a fresh start sets them aside; a resume
+        sets aside epoch folders past ``epoch`` and the final states of an earlier end)."""
+        if epoch == 0:
+            stale = [self.path / "checkpoints", *self.path.glob("node*.pt")]
+        else:
+            stale = [self.epoch_dir(e) for e in self.scan()["epochs"] if e > epoch]
+            if epoch < cfg.train.epochs:
+                stale += list(self.path.glob("node*.pt"))
+        dest = self.set_aside([p for p in stale if p.exists()])
+        if dest is not None:
+            log.info(f"[run dir] this machine's copy {self.path}: moved the node files of an earlier run to {dest}")
 
     def _prepare_writes(self, cfg: RunConfig, epoch: int, config: dict[str, Any]) -> list[list[dict[str, Any]]]:
         """Rank 0, once every rank agreed: set aside (fresh) or trim (resume); record the

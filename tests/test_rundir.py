@@ -162,7 +162,7 @@ def start_alone(cfg, run_dir):
     """``RunDir.start`` as a group of one (no processes): the directory checks in-process."""
     from coordinator.rundir import RunDir
 
-    return RunDir(run_dir).start(cfg, 0, [(0, "convnet")], cfg.to_dict(), lambda x: [x], lambda x: x)
+    return RunDir(run_dir).start(cfg, 0, [[0]], cfg.to_dict(), lambda x: [x], lambda x: x)
 
 
 def fake_checkpoints(run_dir, cfg, epoch=1):
