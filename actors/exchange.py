@@ -353,11 +353,13 @@ class _Plan:
 
 
 class Exchange:
-    """Collectives of one actor group. Works unchanged at world size 1."""
+    """Collectives of one actor group. Works unchanged at world size 1, with or without a
+    process group (without one, a group of one: every collective is local)."""
 
     def __init__(self, env: DistEnv):
         self.env = env
         self._plans: dict[tuple, _Plan] = {}  # per payload layout: reused send/receive buffers
+        self.alone = env.world_size == 1 and not dist.is_initialized()
 
     @property
     def rank(self) -> int:
@@ -389,6 +391,8 @@ class Exchange:
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """In-place broadcast from ``src``; other ranks pass a buffer of the same shape."""
+        if self.alone:
+            return tensor
         try:
             dist.broadcast(tensor, src=src)
         except RuntimeError as e:
@@ -397,6 +401,8 @@ class Exchange:
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's picklable ``obj``, in rank order (on every rank)."""
+        if self.alone:
+            return [obj]
         out: list[Any] = [None] * self.world_size
         try:
             dist.all_gather_object(out, obj)
@@ -405,6 +411,8 @@ class Exchange:
         return out
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if self.alone:
+            return obj
         box = [obj]
         try:
             dist.broadcast_object_list(box, src=src)
@@ -413,6 +421,8 @@ class Exchange:
         return box[0]
 
     def barrier(self) -> None:
+        if self.alone:
+            return
         try:
             dist.barrier()
         except RuntimeError as e:

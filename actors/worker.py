@@ -274,11 +274,16 @@ class NodeWorker:
 
     def _step(self, plan: torch.Tensor, k: int, totals: list[EpochTotals], check: BatchCheck) -> None:
         """Step k of the epoch (the global step ``self.step + 1``) of every hosted node."""
-        tm = self.timer
-        tm.start()
+        self.timer.start()
         rows = self.order.batch(plan, k)
         x, y = self.batches(rows)                                       # 1. batch
-        tm.mark("batch")
+        self.timer.mark("batch")
+        self.train_batch(rows, x, y, totals, check)
+
+    def train_batch(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, totals: list[EpochTotals],
+                    check: BatchCheck) -> None:
+        """Parts 2-5 of a step on the batch ``x, y`` (plan rows ``rows``)."""
+        tm = self.timer
         logits = [node.forward(x) for node in self.nodes]               # 2. forward
         tm.mark("forward")
         all_logits = self._exchange(rows, x, y, logits, check)          # 3. exchange

@@ -41,6 +41,9 @@ GATE_COLORS = {
 NODE_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
                "#7f7f7f", "#bcbd22"]
 DPI = 130
+LARGE = 8
+"""Graphs of more than LARGE nodes are drawn as their gate matrix, and their learning curves
+summarised (the target's line, a mean and min-max band for the other nodes, edges by kind)."""
 
 
 def pretty_model(name: str) -> str:
@@ -151,6 +154,8 @@ def _loop_path(center, angle, a, b, loop_r):
 
 
 def _graph_figure(graph: "GraphSpec", title: Optional[str] = None):
+    if graph.num_nodes > LARGE:
+        return _matrix_figure(graph, title)
     from matplotlib.lines import Line2D
     from matplotlib.patches import Ellipse, FancyArrowPatch, Patch
 
@@ -241,6 +246,94 @@ def _graph_figure(graph: "GraphSpec", title: Optional[str] = None):
     return fig
 
 
+def _matrix_figure(graph: "GraphSpec", title: Optional[str] = None):
+    """A graph of more than ``LARGE`` nodes as its gate matrix: cell (t, s) coloured by the
+    gate of edge s -> t (row = receiver, column = sender, as ``graph.gates``), Cutoff blank,
+    the label edges (diagonal) outlined, node 0's row and column framed in red."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch, Rectangle
+
+    from actors.gates import is_cutoff
+
+    m = graph.num_nodes
+    labels = [node_label(graph, i) for i in range(m)]
+    side = min(0.42 * m, 9.0)  # inches: the matrix
+    cell = side / m
+    step = max(1, math.ceil(m / 32))  # a tick label for every node up to 32 nodes, every step-th beyond
+    fs = max(5.5, min(10.0, 0.42 * cell * step * 72))  # points: no taller than the space a label has
+    label_w = max(len(labels[i]) for i in range(0, m, step)) * fs * 0.6 / 72 + 0.2  # inches
+    n_handles = len({g for row in graph.gates for g in row}) + 2 + any(graph.is_frozen(i) for i in range(m))
+    left, right = label_w + 0.45, 0.35
+    top = label_w + 0.45 + 0.5  # tick labels, axis label, title (bbox_inches="tight" crops what is left over)
+    bottom = 0.45 + 0.25 * math.ceil(n_handles / 4)  # legend + caption
+    width, height = left + side + right, top + side + bottom
+    fig = _figure(width, height)
+    ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
+
+    used_gates: set[str] = set()
+    cutoff = False
+    rgb = []
+    for t in range(m):
+        row = []
+        for s in range(m):
+            gate = graph.gates[t][s]
+            if is_cutoff(gate):
+                cutoff = True
+                row.append((1.0, 1.0, 1.0))
+            else:
+                used_gates.add(gate)
+                row.append(to_rgb(GATE_COLORS.get(gate, "#444444")))
+        rgb.append(row)
+    ax.imshow(rgb, interpolation="nearest", origin="upper", extent=(-0.5, m - 0.5, m - 0.5, -0.5))
+    ax.set_xlim(-0.5, m - 0.5)
+    ax.set_ylim(m - 0.5, -0.5)
+    grid_lw = max(0.3, min(1.0, 0.05 * cell * 72))
+    ax.set_xticks([i - 0.5 for i in range(1, m)], minor=True)
+    ax.set_yticks([i - 0.5 for i in range(1, m)], minor=True)
+    ax.grid(which="minor", color="#d0d0d0", linewidth=grid_lw)
+    ax.grid(which="major", visible=False)
+    ax.tick_params(which="minor", length=0)
+    ticks = list(range(0, m, step))
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=fs)
+    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=fs)
+    ax.xaxis.tick_top()
+    ax.xaxis.set_label_position("top")
+    ax.tick_params(which="major", length=2.5, pad=2)
+    for tick_labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for text, i in zip(tick_labels, ticks):
+            if i == 0:
+                text.set_color("#c0392b")
+                text.set_fontweight("bold")
+            elif graph.is_frozen(i):
+                text.set_color("#666666")
+    ax.set_xlabel("sending node s", fontsize=10.5, labelpad=6)
+    ax.set_ylabel("receiving node t", fontsize=10.5, labelpad=6)
+    for i in range(m):  # the label edges
+        ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#111111",
+                               linewidth=max(0.6, min(1.4, 0.08 * cell * 72)), zorder=3))
+    red = dict(fill=False, edgecolor="#c0392b", linewidth=2.2, zorder=4, clip_on=False)
+    ax.add_patch(Rectangle((-0.5, -0.5), m, 1, **red))  # node 0's row: what the target learns from
+    ax.add_patch(Rectangle((-0.5, -0.5), 1, m, **red))  # node 0's column: what it teaches
+
+    if title is None:
+        title = f"{graph.name}  (T={graph.temperature:g}, {graph.loss}, reduction={graph.reduction})"
+    ax.set_title(title, fontsize=12, pad=8)  # above the top axis's tick labels and label
+    handles = [Patch(facecolor=GATE_COLORS.get(g, "#444444"), label=g)
+               for g in [g for g in GATE_COLORS if g in used_gates] + sorted(used_gates - set(GATE_COLORS))]
+    if cutoff:
+        handles.append(Patch(facecolor="white", edgecolor="#999999", label="blank: Cutoff (no edge)"))
+    handles.append(Patch(facecolor="none", edgecolor="#111111", label="outlined: label edge (diagonal)"))
+    handles.append(Patch(facecolor="none", edgecolor="#c0392b", linewidth=2.2, label="node 0: target"))
+    if any(graph.is_frozen(i) for i in range(m)):
+        handles.append(Patch(facecolor="none", edgecolor="none", label="*: frozen teacher"))
+    fig.legend(handles=handles, loc="upper center", ncol=min(4, len(handles)), fontsize=9, frameon=False,
+               bbox_to_anchor=((left + side / 2) / width, (bottom - 0.05) / height))
+    fig.text((left + side / 2) / width, 0.04 / height,
+             "rows: receiving node t, columns: sending node s;  cell (t, s): the gate of edge s \u2192 t (gates[t][s])",
+             ha="center", va="bottom", fontsize=8.5, color="#444444")
+    return fig
+
+
 def draw_graph(graph: "GraphSpec", stem: Path, title: Optional[str] = None) -> list[Path]:
     """Write ``<stem>.png`` and ``<stem>.svg`` of the graph; return both paths."""
     return _save(_graph_figure(graph, title), Path(stem))
@@ -321,22 +414,8 @@ def _edge_panel(ax, by_node, kind, title, ylabel, ms: float = 2.5) -> bool:
     return lines > 0
 
 
-def draw_learning_curves(run_dir: Path, stem: Path, title: Optional[str] = None) -> list[Path]:
-    """Panels from ``<run_dir>/metrics.jsonl``: train loss, validation and test accuracy per
-    node (ensemble test accuracy dashed), the gated loss of every edge and, when recorded,
-    every edge's mean gate weight. Writes ``<stem>.png`` and ``<stem>.svg``."""
-    run_dir = Path(run_dir)
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    if not rows:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no epoch yet")
-    by_node: dict[int, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_node.setdefault(int(r["node"]), []).append(r)
-    has_gates = any((e := parse_edge_key(k)) is not None and e.kind == GATE_WEIGHT for r in rows for k in r)
-    ms = 3 if len({r["epoch"] for r in rows}) <= 40 else 0  # markers only where they can be told apart
-    n_panels = 5 if has_gates else 4
-    fig = _figure(13.5, 4.0 * math.ceil(n_panels / 2) + 0.6)
-    axes = fig.subplots(math.ceil(n_panels / 2), 2, squeeze=False).ravel()
+def _node_panels(axes, by_node, ms: float) -> None:
+    """Train loss, validation and test accuracy: one line per node (node 0 thicker)."""
     names = {n: _node_name(nr, n) for n, nr in by_node.items()}
 
     ax = axes[0]
@@ -372,9 +451,176 @@ def draw_learning_curves(run_dir: Path, stem: Path, title: Optional[str] = None)
             ax.text(0.5, 0.5, f"no {what} split in this run", transform=ax.transAxes, ha="center", va="center",
                     color="#777777")
 
-    _edge_panel(axes[3], by_node, EDGE_LOSS, "gated loss of each edge s\u2192t (mean per epoch)", "gated loss", ms)
-    if has_gates:
-        _edge_panel(axes[4], by_node, GATE_WEIGHT, "mean gate weight of each edge s\u2192t", "gate weight", ms)
+
+def _ranges(idx: list[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``1\u20133, 5``."""
+    parts: list[str] = []
+    idx = sorted(idx)
+    i = 0
+    while i < len(idx):
+        j = i
+        while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1:
+            j += 1
+        parts.append(str(idx[i]) if i == j else f"{idx[i]}\u2013{idx[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def _band(ax, values: dict[int, list[float]], color: str, label: str, ms: float, linestyle: str = "-"):
+    """The mean per epoch of ``values`` (epoch -> the values of a group of nodes or edges) as
+    a line, their min-max as a shaded band; returns the legend handle, or None when empty."""
+    epochs = sorted(e for e, v in values.items() if v)
+    if not epochs:
+        return None
+    mean = [sum(values[e]) / len(values[e]) for e in epochs]
+    band = ax.fill_between(epochs, [min(values[e]) for e in epochs], [max(values[e]) for e in epochs],
+                           color=color, alpha=0.18, linewidth=0)
+    (line,) = ax.plot(epochs, mean, linestyle, marker="o", markersize=ms, linewidth=1.6, color=color)
+    return (band, line), label
+
+
+def _group_values(rows_of: dict[int, list[dict[str, Any]]], key_of) -> dict[int, list[float]]:
+    """epoch -> the finite values of ``key_of(node)`` over the nodes of ``rows_of``."""
+    values: dict[int, list[float]] = {}
+    for n, rows in rows_of.items():
+        for key in key_of(n, rows):
+            for x, y in zip(*_series(rows, key)):
+                values.setdefault(x, []).append(y)
+    return values
+
+
+def _node_groups(by_node: dict[int, list[dict[str, Any]]]) -> list[tuple[str, list[int]]]:
+    """The nodes other than the target grouped by model (frozen ones apart): (name, nodes)."""
+    groups: dict[tuple[str, bool], list[int]] = {}
+    for n, rows in sorted(by_node.items()):
+        if n != 0:
+            groups.setdefault((str(rows[-1].get("model", "?")), bool(rows[-1].get("frozen"))), []).append(n)
+    return [(f"nodes {_ranges(nodes)} {model}{'*' if frozen else ''}", nodes) for (model, frozen), nodes in groups.items()]
+
+
+def _summary_node_panels(axes, by_node, ms: float) -> None:
+    """Train loss, validation and test accuracy of a graph of more than ``LARGE`` nodes: the
+    target as a bold line, every other model's nodes as their mean and min-max band."""
+    target = by_node.get(0)
+    groups = _node_groups(by_node)
+    colors = NODE_COLORS[1:]
+
+    def panel(ax, key):
+        handles = []
+        if target:
+            xs, ys = _series(target, key)
+            if xs:
+                (line,) = ax.plot(xs, ys, "-o", markersize=ms, color=NODE_COLORS[0], linewidth=2.6, zorder=5)
+                handles.append((line, f"{_node_name(target, 0)} (target)"))
+        for k, (name, nodes) in enumerate(groups):
+            h = _band(ax, _group_values({n: by_node[n] for n in nodes}, lambda n, rows: [key]),
+                      colors[k % len(colors)], f"{name}: mean, min\u2013max ({len(nodes)})", ms)
+            if h:
+                handles.append(h)
+        return handles
+
+    ax = axes[0]
+    handles = panel(ax, "train_loss")
+    ax.set_title("train loss (sum of the gated edge losses)", fontsize=11)
+    ax.set_ylabel("loss")
+    _int_epochs(ax)
+    frozen = [n for n, nr in by_node.items() if nr[-1].get("frozen")]
+    if frozen:
+        ax.text(0.99, 0.98, f"frozen, not trained: nodes {_ranges(frozen)}", transform=ax.transAxes,
+                ha="right", va="top", fontsize=8, color="#555555")
+    if handles:
+        ax.legend(*zip(*handles), fontsize=8.5, framealpha=0.85)
+
+    for ax, key, what in ((axes[1], "val_acc", "validation"), (axes[2], "test_acc", "test")):
+        handles = panel(ax, key)
+        xs, ys = _series(by_node[min(by_node)], f"ensemble_{key}")
+        if xs:
+            (line,) = ax.plot(xs, ys, "--", color="black", linewidth=1.4)
+            handles.append((line, "ensemble (mean softmax)"))
+        ax.set_title(f"{what} accuracy: the target, the other nodes' mean and range", fontsize=11)
+        ax.set_ylabel("accuracy (%)")
+        _int_epochs(ax)
+        if handles:
+            ax.legend(*zip(*handles), fontsize=8.5, framealpha=0.85, loc="lower right")
+        else:
+            ax.text(0.5, 0.5, f"no {what} split in this run", transform=ax.transAxes, ha="center", va="center",
+                    color="#777777")
+
+
+def _summary_edge_panel(ax, by_node, kind, title, ylabel, ms: float) -> bool:
+    """The edges of a graph of more than ``LARGE`` nodes by kind: label edges and cross edges
+    (s != t) per gate, each as the mean and min-max band over the edges; and the target's own
+    edges (its label edge, the mean of its cross edges per gate) as red lines."""
+    edges: dict[int, dict[str, Any]] = {
+        t: {k: e for r in rows for k in r if (e := parse_edge_key(k)) is not None and e.kind == kind}
+        for t, rows in by_node.items()}
+    gates = sorted({(e.source != e.target, e.gate) for keys in edges.values() for e in keys.values()},
+                   key=lambda cg: (cg[0], list(GATE_COLORS).index(cg[1]) if cg[1] in GATE_COLORS else 99, cg[1]))
+    colors = NODE_COLORS[1:]
+    handles = []
+    everything: list[float] = []
+    for k, (cross, gate) in enumerate(gates):
+        def keys_of(t, rows, cross=cross, gate=gate):
+            return [key for key, e in edges[t].items() if (e.source != e.target) == cross and e.gate == gate]
+
+        count = sum(len(keys_of(t, None)) for t in edges)
+        what = f"{count} edges s\u2192t, s\u2260t" if cross else f"{count} label edges t\u2192t"
+        values = _group_values(by_node, keys_of)
+        everything += [v for vs in values.values() for v in vs]
+        h = _band(ax, values, colors[k % len(colors)], f"{gate}, {what}: mean, min\u2013max", ms, "--" if cross else "-")
+        if h:
+            handles.append(h)
+    for cross, gate in gates:  # the target's own edges
+        keys = [key for key, e in edges.get(0, {}).items() if (e.source != e.target) == cross and e.gate == gate]
+        values = _group_values({0: by_node[0]}, lambda t, rows, keys=keys: keys) if keys else {}
+        epochs = sorted(values)
+        if not epochs:
+            continue
+        (line,) = ax.plot(epochs, [sum(values[e]) / len(values[e]) for e in epochs], "--" if cross else "-",
+                          marker="o", markersize=ms, linewidth=2.2, color=NODE_COLORS[0], zorder=5)
+        what = f"{gate}, the target's {len(keys)} edges s\u21920: mean" if cross else f"{gate}, the target's label edge 0\u21920"
+        handles.append((line, what))
+    if kind == EDGE_LOSS and everything and min(everything) > 0 and max(everything) >= 20 * min(everything):
+        ax.set_yscale("log")  # label edges' cross-entropy dwarfs many small KL terms
+        ylabel += " (log scale)"
+    ax.set_title(title, fontsize=11)
+    ax.set_ylabel(ylabel)
+    _int_epochs(ax)
+    if handles:
+        ax.legend(*zip(*handles), fontsize=8, framealpha=0.85)
+    else:
+        ax.text(0.5, 0.5, "no edge recorded", transform=ax.transAxes, ha="center", va="center", color="#777777")
+    return bool(handles)
+
+
+def draw_learning_curves(run_dir: Path, stem: Path, title: Optional[str] = None) -> list[Path]:
+    """Panels from ``<run_dir>/metrics.jsonl``: train loss, validation and test accuracy per
+    node (ensemble test accuracy dashed), the gated loss of every edge and, when recorded,
+    every edge's mean gate weight. Writes ``<stem>.png`` and ``<stem>.svg``."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if not rows:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no epoch yet")
+    by_node: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_node.setdefault(int(r["node"]), []).append(r)
+    has_gates = any((e := parse_edge_key(k)) is not None and e.kind == GATE_WEIGHT for r in rows for k in r)
+    ms = 3 if len({r["epoch"] for r in rows}) <= 40 else 0  # markers only where they can be told apart
+    n_panels = 5 if has_gates else 4
+    fig = _figure(13.5, 4.0 * math.ceil(n_panels / 2) + 0.6)
+    axes = fig.subplots(math.ceil(n_panels / 2), 2, squeeze=False).ravel()
+    if len(by_node) > LARGE:
+        _summary_node_panels(axes, by_node, ms)
+        _summary_edge_panel(axes[3], by_node, EDGE_LOSS, "gated loss of the edges s\u2192t by kind (mean per epoch)",
+                            "gated loss", ms)
+        if has_gates:
+            _summary_edge_panel(axes[4], by_node, GATE_WEIGHT, "mean gate weight of the edges s\u2192t by kind",
+                                "gate weight", ms)
+    else:
+        _node_panels(axes, by_node, ms)
+        _edge_panel(axes[3], by_node, EDGE_LOSS, "gated loss of each edge s\u2192t (mean per epoch)", "gated loss", ms)
+        if has_gates:
+            _edge_panel(axes[4], by_node, GATE_WEIGHT, "mean gate weight of each edge s\u2192t", "gate weight", ms)
     for ax in axes[n_panels:]:
         ax.axis("off")
     if title is None:
@@ -465,6 +711,24 @@ def _trial_curve(trial_dir: Path) -> tuple[list[int], list[float]]:
                 xs.append(int(r["epoch"]))
                 ys.append(float(r["target_val_acc"]))
     return xs, ys
+
+
+def _trial_desc(row: dict[str, str]) -> str:
+    """`` (<models>; gates <matrix>)`` of a trials.csv row, or for a graph of more than
+    ``LARGE`` nodes a count of each (`` (16 nodes: 16 x convnet; gates 240 T, 16 X)``)."""
+    if not row.get("models"):
+        return ""
+    models = [m.strip() for m in row["models"].split(",")]
+    if len(models) <= LARGE:
+        return f" ({row['models']}; gates {row.get('gates', '?')})"
+    counts: dict[str, int] = {}
+    for name in models:
+        counts[name] = counts.get(name, 0) + 1
+    gates: dict[str, int] = {}
+    for g in row.get("gates", "").replace("/", " ").split():
+        gates[g] = gates.get(g, 0) + 1
+    return (f" ({len(models)} nodes: {', '.join(f'{c} x {m}' for m, c in counts.items())}; gates "
+            f"{', '.join(f'{c} {g}' for g, c in sorted(gates.items(), key=lambda gc: -gc[1]))})")
 
 
 def draw_search(search_dir: Path, stem: Path, grace: Optional[int] = None, rf: Optional[float] = None,
@@ -562,8 +826,7 @@ def draw_search(search_dir: Path, stem: Path, grace: Optional[int] = None, rf: O
     ax.set_ylabel("target (node 0) validation accuracy (%)")
     ax.grid(True, alpha=0.25)
 
-    row = statuses.get(best, {})
-    desc = f" ({row['models']}; gates {row['gates']})" if row.get("models") else ""
+    desc = _trial_desc(statuses.get(best, {}))
     handles = [Line2D([], [], color="#e67e22", linewidth=3, marker="*", markersize=12,
                       label=f"best: {best}, val {curves[best][1][-1]:.1f}{desc}")]
     labels = {"completed": ("#2e86c1", "o", "ran all epochs"), "stopped": ("#7f8c8d", "x", "stopped by ASHA"),

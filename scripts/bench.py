@@ -163,8 +163,8 @@ def sequential_step_time(models: list[str], batch: int, steps: int, pin: bool, t
     for _ in range(spe):  # warm-up
         group.step(*next(it))
     n, t = 0, time.perf_counter()
-    for x, y in it:
-        group.step(x, y)
+    for batch in it:
+        group.step(*batch)
         n += 1
     dt = (time.perf_counter() - t) / n
     _pin(None)  # the next group's processes are spawned from here: do not pass the pin on

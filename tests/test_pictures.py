@@ -110,3 +110,132 @@ def test_bad_path_is_a_clear_error(arg, tmp_path):
     r = subprocess.run([sys.executable, "-m", "drawing.draw", arg], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: {arg} ") and "a run directory" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- graphs of more than LARGE nodes: a gate matrix and summarised curves -----------------------
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) in pixels, from the PNG's IHDR chunk."""
+    import struct
+
+    head = Path(path).read_bytes()[:24]
+    assert head[:8] == PNG_MAGIC and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def synthetic_run(run_dir: Path, m: int = 16, epochs: int = 4) -> list[list[str]]:
+    """A run directory as a run of ``m`` nodes would leave it (run_config.json + metrics.jsonl
+    with every node's every edge), written without training: nodes 0-11 convnet, the rest
+    resnet20; label edges Through, the other edges Through, Linear or Cutoff. Returns the gates."""
+    import json
+    import random
+
+    from actors.metrics import EDGE_LOSS, GATE_WEIGHT, edge_key
+
+    rng = random.Random(0)
+    models = ["convnet" if i < 12 else "resnet20" for i in range(m)]
+    gates = [["Through" if s == t else ("Linear", "Through", "Cutoff")[(s + t) % 3] for s in range(m)] for t in range(m)]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    graph = {"name": f"synthetic{m}", "nodes": [{"model": x} for x in models], "gates": gates}
+    (run_dir / "run_config.json").write_text(json.dumps({"graph": graph, "dataset": {"name": "digits"}}))
+    lines = []
+    for t in range(m):
+        for e in range(1, epochs + 1):
+            row = {"epoch": e, "node": t, "model": models[t], "frozen": False, "train_loss": 3 / e + rng.random(),
+                   "train_acc": 50.0, "lr": 0.01, "skipped_steps": 0, "train_time_s": 1.0,
+                   "val_acc": 100 - 60 / e - 10 * rng.random(), "test_acc": 100 - 60 / e - 10 * rng.random(),
+                   "ensemble_val_acc": 100 - 50 / e, "ensemble_test_acc": 100 - 50 / e}
+            for s, gate in enumerate(gates[t]):
+                if gate != "Cutoff":
+                    row[edge_key(EDGE_LOSS, s, t, gate)] = (2.0 if s == t else 0.1) / e * (1 + rng.random())
+                    row[edge_key(GATE_WEIGHT, s, t, gate)] = 1.0 if gate == "Through" else e / epochs
+            lines.append(json.dumps(row))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return gates
+
+
+def test_a_large_run_draws_a_gate_matrix_and_summarised_curves(tmp_path, capsys):
+    """16 nodes: the graph is its gate matrix, every node labelled on both axes; the curves
+    show the target, a band per model and the edges by kind (a handful of legend entries,
+    none per node or per edge), in a figure as tall as a small graph's."""
+    from drawing.figures import LARGE
+
+    m = 16
+    assert m > LARGE
+    gates = synthetic_run(tmp_path / "run", m)
+    assert draw_main([str(tmp_path / "run"), "--out", str(tmp_path / "pictures")]) == 0
+    files = capsys.readouterr().out.split()
+    svg = check_files(files)
+    graph = svg["graph"]
+    for i in range(m):  # tick labels on both axes (rows and columns)
+        label = f"{i}: {'ConvNet' if i < 12 else 'ResNet20'}"
+        assert graph.count(f">{label}<") == 2, label
+    assert "rows: receiving node t, columns: sending node s" in graph
+    assert "receiving node t" in graph and "sending node s" in graph and "synthetic16" in graph
+    for entry in ("Through", "Linear", "Cutoff (no edge)", "label edge (diagonal)", "node 0: target"):
+        assert entry in graph, entry
+    assert "NegativeLinear" not in graph and "Correct" not in graph  # only the gates present
+    assert "arrow s" not in graph  # not the small graphs' picture
+
+    curves = svg["curves"]
+    assert "n0 convnet (target)" in curves
+    assert "nodes 1\u201311 convnet: mean, min\u2013max (11)" in curves
+    assert "nodes 12\u201315 resnet20: mean, min\u2013max (4)" in curves
+    assert "ensemble (mean softmax)" in curves
+    assert "Through, 16 label edges t\u2192t: mean, min\u2013max" in curves
+    n_through = sum(g == "Through" for t, row in enumerate(gates) for s, g in enumerate(row) if s != t)
+    assert f"Through, {n_through} edges s\u2192t, s\u2260t: mean, min\u2013max" in curves
+    assert "Linear, " in curves and "the target" in curves
+    assert "n5 convnet" not in curves and "15\u219214" not in curves and "0\u21921 " not in curves  # no line per node/edge
+    # the bands in the legends: 2 models in each node panel, 3 kinds of edge (label; Through, Linear) in each edge panel
+    assert curves.count("mean, min\u2013max") == 3 * 2 + 2 * 3
+    width, height = png_size(tmp_path / "pictures" / "curves.png")
+    assert height < 1600 and width < 1600, (width, height)  # the old picture: one legend entry per edge, 5000+ px
+    width, height = png_size(tmp_path / "pictures" / "graph.png")
+    assert height < 1600 and width < 1600, (width, height)
+
+
+def test_a_large_graph_file_draws_as_a_matrix(tmp_path):
+    import yaml
+
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump({"name": "many", "nodes": {"model": "convnet", "count": 16}, "gates": "Through"}))
+    svg = check_files(draw_graph(load_graph_file(path), tmp_path / "many"))["many"]
+    assert "rows: receiving node t, columns: sending node s" in svg
+    assert ">0: ConvNet<" in svg and ">15: ConvNet<" in svg and "Through" in svg
+    assert "Cutoff" not in svg  # no Cutoff edge: not in the legend
+    assert png_size(tmp_path / "many.png")[1] < 1600
+    # 40 nodes: a tick label every other node
+    path.write_text(yaml.safe_dump({"name": "many", "nodes": {"model": "convnet", "count": 40}, "gates": "Through"}))
+    svg = check_files(draw_graph(load_graph_file(path), tmp_path / "many40"))["many40"]
+    assert ">38: ConvNet<" in svg and ">39: ConvNet<" not in svg
+
+
+def test_a_search_of_large_graphs_draws(tmp_path):
+    """A search whose trials are 16-node graphs: the best trial's legend entry counts the
+    models and gates instead of listing a 16 x 16 matrix; its best graph is a gate matrix."""
+    import csv
+
+    import yaml
+
+    from coordinator.search_space import describe_gates
+
+    rows = []
+    for k in range(3):
+        gates = synthetic_run(tmp_path / f"trial_{k:03d}", 16, epochs=2 + k)
+        rows.append({"trial": f"trial_{k:03d}", "models": ", ".join(["convnet"] * 12 + ["resnet20"] * 4),
+                     "gates": describe_gates(gates), "epochs": 2 + k, "status": "completed" if k == 2 else "stopped by ASHA"})
+    with open(tmp_path / "trials.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "best_graph.yaml").write_text(yaml.safe_dump({"name": "best", "nodes": {"model": "convnet", "count": 16},
+                                                               "gates": "Through"}))
+    files = draw_search(tmp_path, tmp_path / "pictures" / "search", grace=1, rf=2, max_epochs=4)
+    svg = check_files(files)
+    search = svg["search"]
+    assert "best: trial_002" in search and "16 nodes: 12 x convnet, 4 x resnet20; gates" in search
+    assert "T T T" not in search  # not the whole matrix
+    assert "rows: receiving node t" in svg["search_best_graph"]
+    assert png_size(tmp_path / "pictures" / "search.png")[0] < 2000
