@@ -2,9 +2,13 @@
 
 - ``draw_graph``: a knowledge transfer graph as the KTG paper draws it: nodes on a circle
   (node 0, the target, at the top), one arrow per edge s -> t labelled with its gate, the
-  label edge as a self-loop, Cutoff edges left out, frozen nodes grey with a ``*``.
+  label edge as a self-loop, Cutoff edges left out, frozen nodes grey with a ``*``. A graph
+  of more than ``LARGE`` nodes is drawn as its gate matrix instead (rows = receiving node t,
+  columns = sending node s, a cell coloured by its gate, Cutoff blank).
 - ``draw_learning_curves``: a run's ``metrics.jsonl``: train loss, validation and test
-  accuracy per node, the gated loss (and gate weight, when recorded) of every edge.
+  accuracy per node, the gated loss (and gate weight, when recorded) of every edge. Above
+  ``LARGE`` nodes: the target's line, every model's other nodes as a mean line in a min-max
+  band, the edges by kind (label / cross edges per gate) likewise.
 - ``draw_search``: a search folder: every trial's target validation accuracy per epoch,
   ASHA's rungs, the best trial highlighted; and the best graph beside it.
 
