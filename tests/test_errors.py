@@ -14,7 +14,7 @@ T = "Through"
 
 
 @pytest.mark.parametrize("args, message", [
-    (["graph=nope"], r"^graph=nope: no such preset; available: dml, dml3, dml4, independent, kd, ktg3, .*teacher "
+    (["graph=nope"], r"^graph=nope: no such preset; available: dml, dml3, dml4, dml_many, independent, kd, ktg3, .*teacher "
                      r"\(or a graph .yaml file\)$"),
     (["dataset=mnist"], r"^dataset=mnist: no such preset; available: cifar10, cifar100, digits, tiny_imagenet$"),
     (["optim=sgd"], r"^optim=sgd: no such preset; available: cpu, paper$"),

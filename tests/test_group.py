@@ -1,6 +1,7 @@
-"""The Ray actor group: a graph's nodes as Ray actors run the same worker as torchrun, and a
-group rebuilt from its per-epoch states continues exactly (what a retried or resumed
-search trial does)."""
+"""The Ray actor group: a graph's nodes as Ray actors run the same worker as torchrun, a
+group packed into fewer actors trains the same nodes, and a group rebuilt from its
+per-epoch states, in any packing, continues exactly (what a retried or resumed search
+trial does)."""
 import pytest
 import torch
 
@@ -27,17 +28,18 @@ def test_group_restored_from_states_continues_exactly(ray_cluster, tmp_path):
     final_a = straight.states()
     straight.shutdown()
 
-    first = ActorGroup(cfg, str(tmp_path / "b"))
-    first.run_epoch(0)
+    first = ActorGroup(cfg, str(tmp_path / "b"), processes=1)  # packed: both nodes in one actor
+    assert len(first.actors) == 1
+    rows_first = first.run_epoch(0)
     saved = first.states()
     first.shutdown()  # the trial dies here
-    resumed = ActorGroup(cfg, str(tmp_path / "b"), states=saved)
+    resumed = ActorGroup(cfg, str(tmp_path / "b"), states=saved)  # restored into one actor per node
     rows_b = resumed.run_epoch(1)
     final_b = resumed.states()
     resumed.shutdown()
 
     strip = lambda rows: [{k: v for k, v in m.record().items() if not k.endswith("time_s")} for m in rows]  # noqa: E731
-    assert strip(rows_b) == strip(rows_a[1])
+    assert strip(rows_first) == strip(rows_a[0]) and strip(rows_b) == strip(rows_a[1])
     for a, b in zip(final_a, final_b):
         assert a["step"] == b["step"] == 2 * (1222 // 32)
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -67,31 +69,3 @@ def test_a_killed_actor_fails_the_group_fast(ray_cluster, tmp_path):
     with pytest.raises(RayActorError):
         ray.get(survivor.states.remote(), timeout=60)
 
-
-def test_a_packed_group_trains_the_same_nodes_and_restores_into_another_packing(ray_cluster, tmp_path):
-    """Three nodes in one actor, then (after a 'failure') in two: bitwise the weights of one
-    actor per node (what a search trial with search.processes_per_trial does)."""
-    from coordinator.group import ActorGroup
-
-    cfg = small_config(["convnet", "resnet20", "convnet"], [[T, "Linear", T], [T, T, "Cutoff"], ["Correct", T, T]],
-                       train__epochs=2, train__max_steps_per_epoch=4)
-    straight = ActorGroup(cfg, str(tmp_path / "a"))
-    rows_a = [straight.run_epoch(e) for e in range(2)]
-    final_a = straight.states()
-    straight.shutdown()
-
-    one = ActorGroup(cfg, str(tmp_path / "b"), processes=1)
-    assert len(one.actors) == 1
-    rows_b = [one.run_epoch(0)]
-    saved = one.states()
-    one.shutdown()
-    two = ActorGroup(cfg, str(tmp_path / "b"), states=saved, processes=2)
-    rows_b.append(two.run_epoch(1))
-    final_b = two.states()
-    two.shutdown()
-
-    strip = lambda rows: [{k: v for k, v in m.record().items() if not k.endswith("time_s")} for m in rows]  # noqa: E731
-    assert [strip(r) for r in rows_b] == [strip(r) for r in rows_a]
-    for a, b in zip(final_a, final_b):
-        assert a["meta"]["node"] == b["meta"]["node"]
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

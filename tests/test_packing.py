@@ -49,7 +49,6 @@ def one_per_process(tmp_path_factory):
 
 @pytest.mark.parametrize("placement, processes", [
     ("auto", 1),              # the single-process reference: every node in one process
-    ("balanced", 2),          # greedy on the nodes' training FLOPs
     ([[0, 2], [1], [3]], 3),  # by hand, uneven
 ])
 def test_every_placement_trains_bitwise_the_same_nodes(tmp_path, one_per_process, placement, processes):
@@ -61,12 +60,13 @@ def test_every_placement_trains_bitwise_the_same_nodes(tmp_path, one_per_process
     assert strip(metrics(tmp_path)) == strip(metrics(one_per_process))  # node t keeps index t in the record
 
 
-def test_a_packed_run_resumes_bitwise_on_another_placement(tmp_path, one_per_process):
-    """A 2-process run stopped after epoch 1 (its epoch-2 checkpoint and outputs gone, as a
+def test_a_balanced_run_trains_the_same_nodes_and_resumes_bitwise_on_another_placement(tmp_path, one_per_process):
+    """A balanced 2-process run trains bitwise the same nodes; stopped after epoch 1 (its epoch-2 checkpoint and outputs gone, as a
     crash leaves it) is resumed by a 1-process run: the same weights as uninterrupted."""
     from coordinator.local import run_local
 
-    run_local(config("balanced"), tmp_path, timeout_s=300, processes=2)
+    run_local(config("balanced"), tmp_path, timeout_s=300, processes=2)  # greedy on the nodes' training FLOPs
+    assert_same_nodes(states(tmp_path), states(one_per_process))
     shutil.rmtree(tmp_path / "checkpoints" / "epoch_0002")
     (tmp_path / "checkpoints" / "latest.json").write_text(json.dumps({"epoch": 1, "nodes": len(MODELS)}) + "\n")
     for f in ["summary.json", *(f"node{i}.pt" for i in range(len(MODELS)))]:

@@ -107,6 +107,14 @@ def test_random_search_samples_valid_graphs_reproducibly(tmp_path):
     assert c.suggest("x") == a.suggest("x")
 
 
+def test_a_placement_list_is_refused_for_a_search(tmp_path):
+    from coordinator.search import run_search
+
+    s = space(processes_per_trial=1, num_cpus=2, verbose=0)
+    with pytest.raises(ConfigError, match="a search places each trial's nodes itself"):
+        run_search(s, {"placement": [[0, 1, 2]], "logger": {"backend": "none"}}, tmp_path / "refused", seed=0)
+
+
 def test_asha_stops_trials_early_and_failures_do_not_stop_the_search(tiny_search):
     summary, rows, out = tiny_search
     assert len(rows) == 6 and summary["trials"] == 6
@@ -188,31 +196,3 @@ def test_a_failed_trial_is_retried_from_its_last_checkpoint(tmp_path):
     reported = [json.loads(l)["epoch"] for l in next(out.glob("trial_*/result.json")).read_text().splitlines()]  # noqa: E741
     assert reported == list(range(1, 21)), reported
 
-
-def test_a_search_packs_each_trials_graph_into_fewer_actors(tmp_path):
-    """search.processes_per_trial=1: every 3-node trial runs in one actor (one GPU's worth)."""
-    import json
-
-    import ray
-
-    from coordinator.search import run_search
-
-    out = tmp_path / "exp-packed-digits"
-    s = SearchConfig(name="packed", num_nodes=3, target_model="convnet", zoo=["convnet"], gates=["Through", "Linear"],
-                     num_samples=2, max_epochs=2, grace_period=2, num_cpus=4, verbose=0, processes_per_trial=1,
-                     teachers_dir=str(tmp_path / "none"))
-    base = {"dataset": {"name": "digits", "crop_pad": 1, "flip": False},
-            "optim": {"lr": 0.05, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
-            "train": {"batch_size": 64, "num_threads": 1, "max_steps_per_epoch": 4}, "logger": {"backend": "none"}}
-    with pytest.raises(ConfigError, match="a search places each trial's nodes itself"):
-        run_search(s, {**base, "placement": [[0, 1, 2]]}, tmp_path / "refused", seed=0)
-    try:
-        summary = run_search(s, base, out, seed=0)
-    finally:
-        ray.shutdown()
-    assert summary["failed"] == 0
-    rows = list(csv.DictReader(open(out / "trials.csv")))
-    assert [r["status"] for r in rows] == ["completed", "completed"]
-    for f in out.glob("trial_*/metrics.jsonl"):
-        lines = [json.loads(line) for line in f.read_text().splitlines()]
-        assert sorted((r["epoch"], r["node"]) for r in lines) == [(e, n) for e in (1, 2) for n in range(3)]
