@@ -92,16 +92,17 @@ def run_local(cfg: RunConfig, run_dir: str | Path, timeout_s: Optional[float] = 
                 p.join()
     failed = {r: o[1] for r, o in outcomes.items() if o[0] == "error"}
     if failed:
-        _raise_failure(failed)
+        _raise_failure(failed, "node" if m == cfg.graph.num_nodes else "process")
     return outcomes[0][1]
 
 
-def _raise_failure(failed: dict[int, tuple[Optional[BaseException], str]]) -> None:
+def _raise_failure(failed: dict[int, tuple[Optional[BaseException], str]], unit: str = "node") -> None:
     """The first failed node's ``ConfigError`` as it is (bad input: the node's own message,
     as a launcher prints it); else a RuntimeError naming the failed nodes, with the first
-    one's error and traceback (that error is its ``__cause__``)."""
+    one's error and traceback (that error is its ``__cause__``). ``unit``: what a rank is,
+    a node (one per process) or a process (hosting several nodes)."""
     first = min(failed)
     error, msg = failed[first]
     if isinstance(error, ConfigError):
         raise error
-    raise RuntimeError(f"node(s) {sorted(failed)} failed; node {first}: {msg}") from error
+    raise RuntimeError(f"{unit}(s) {sorted(failed)} failed; {unit} {first}: {msg}") from error
