@@ -233,7 +233,7 @@ class RunDir:
         except OSError:
             owner = None
         return {"marker": epoch, "marker_problem": problem, "marker_exists": marker.exists(), "epochs": sorted(epochs),
-                "owner": owner, "host": socket.gethostname(), "record": (self.path / CONFIG).is_file()}
+                "owner": owner, "host": socket.gethostname()}
 
     def load_checkpoint(self, epoch: int, index: int, model: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
         """Node ``index``'s state at ``epoch`` if it loads and is what it should be, else
@@ -268,16 +268,15 @@ class RunDir:
            loaded by the rank that hosts it (``placement[rank]``) or, when that rank's copy of
            the directory lacks it (several machines, no shared disk, ranks placed anew), by
            a rank that has it, and sent over; the first epoch that every node has intact
-           is the start (each fallback is said). Checkpoints present but none intact: a one-line error naming
-           the file.
+           is the start (each fallback is said). Checkpoints present but none intact: a
+           one-line error naming the file.
         3. Only then rank 0 writes: a fresh start sets the earlier run's outputs aside; a
            resume keeps the metrics rows of the epochs it resumes (each once, a cut last
            line dropped); so does the first rank of each machine with its own copy, to its
            copy. Every outcome is gathered, so a failed write stops every rank."""
         seen = gather(self.scan())
-        holder = max(range(len(seen)), key=lambda r: (seen[r]["marker"] or 0, seen[r]["record"], r == 0))
-        if holder != 0 and seen[holder]["marker"] and (seen[holder]["marker"], seen[holder]["record"]) > \
-                (seen[0]["marker"] or 0, seen[0]["record"]):
+        holder = max(range(len(seen)), key=lambda r: (seen[r]["marker"] or 0, r == 0))  # the newest marker; ties: rank 0
+        if holder != 0:
             # the run's record (config, marker, metrics) is on another machine's copy, whose
             # rank 0 it was in an earlier attempt: it comes to this rank 0's copy first
             record = gather(self.record_files() if rank == holder else None)[holder]
