@@ -63,6 +63,10 @@ class DatasetConfig:
     """Random horizontal flips."""
     normalize: bool = False
     """Normalise by the dataset's channel mean/std (the DCL code does not)."""
+    label_noise: float = 0.0
+    """Symmetric label noise, a rate in [0, 1): exactly that fraction of the train and of the
+    val labels is replaced by a uniformly drawn other class (the test labels stay clean); the
+    draw depends on ``split_seed`` only. 0 = clean labels. See docs/label-noise.md."""
 
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
@@ -70,6 +74,8 @@ class DatasetConfig:
         self.name = DATASETS.canonical(self.name)
         if not isinstance(self.val_fraction, (int, float)) or not 0 <= self.val_fraction < 1:
             raise ConfigError(f"dataset.val_fraction must be in [0, 1); got {self.val_fraction!r}")
+        if isinstance(self.label_noise, bool) or not isinstance(self.label_noise, (int, float)) or not 0 <= self.label_noise < 1:
+            raise ConfigError(f"dataset.label_noise must be a number in [0, 1); got {self.label_noise!r}")
         _positive(self.crop_pad, "dataset.crop_pad", allow_zero=True)
         _choice(self.pad_mode, PAD_MODES, "dataset.pad_mode")
 

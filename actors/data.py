@@ -18,11 +18,17 @@ Datasets:
 
 The validation split is carved from the training set with ``split_seed`` (independent of
 the run seed, so it is the same for every run).
+
+``label_noise`` (symmetric label noise, off by default): after the split, exactly
+``round(r * n)`` labels of the training split and of the validation split are replaced by a
+class drawn uniformly from the *other* classes; the test split stays clean. The draw depends
+on ``split_seed`` only (its own generator, so the split itself does not move): every node and
+process holds the same labels. See docs/label-noise.md.
 """
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,13 +46,14 @@ class DatasetError(RuntimeError):
 @dataclass
 class Split:
     x: torch.Tensor  # [N, C, H, W] uint8
-    y: torch.Tensor  # [N] int64
+    y: torch.Tensor  # [N] int64: the labels trained and evaluated on (noisy under label_noise)
+    y_clean: Optional[torch.Tensor] = None  # [N] int64: the original labels, set only when label noise changed y
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def to(self, device: torch.device) -> "Split":
-        return Split(self.x.to(device), self.y.to(device))
+        return Split(self.x.to(device), self.y.to(device), self.y_clean.to(device) if self.y_clean is not None else None)
 
 
 @dataclass
@@ -65,9 +72,15 @@ class Dataset:
     train: Split
     val: Optional[Split]
     test: Split
+    label_noise: float = 0.0
+    """The symmetric label-noise rate applied to train and val (0 = clean labels)."""
+    noisy_labels: dict[str, int] = field(default_factory=dict)
+    """How many labels label noise changed, per split: ``{"train": k, "val": k}`` (val only
+    when there is a validation split; 0 without noise; the test split is never changed)."""
 
     def to(self, device: torch.device) -> "Dataset":
-        return Dataset(self.name, self.info, self.train.to(device), self.val.to(device) if self.val else None, self.test.to(device))
+        return Dataset(self.name, self.info, self.train.to(device), self.val.to(device) if self.val else None,
+                       self.test.to(device), self.label_noise, dict(self.noisy_labels))
 
 
 # name -> (info, loader(root, download) -> (train Split, test Split))
@@ -78,8 +91,32 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS.get(name)[0]
 
 
-def load_dataset(name: str, root: str = "data", val_fraction: float = 0.0, split_seed: int = 0, download: bool = False) -> Dataset:
-    """Load a registered dataset as CPU uint8 tensors with a seeded train/val split."""
+# the label-noise generator is seeded with split_seed + this offset: its own stream, so the
+# train/val split (seeded with split_seed) is the same with and without noise
+LABEL_NOISE_SEED_OFFSET = 0x4E015E
+
+
+def corrupt_labels(y: torch.Tensor, rate: float, num_classes: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Symmetric label noise: exactly ``round(rate * len(y))`` samples (a random permutation's
+    first) get a label drawn uniformly from the other ``num_classes - 1`` classes. Returns
+    the new labels (a copy) and how many were changed."""
+    n = int(y.shape[0])
+    k = int(round(rate * n))
+    out = y.clone()
+    if k == 0 or num_classes < 2:
+        return out, 0
+    chosen = torch.randperm(n, generator=generator)[:k]
+    shift = torch.randint(1, num_classes, (k,), generator=generator, dtype=y.dtype)  # 1..C-1: never the same class
+    out[chosen] = (y[chosen] + shift) % num_classes
+    return out, k
+
+
+def load_dataset(name: str, root: str = "data", val_fraction: float = 0.0, split_seed: int = 0, download: bool = False,
+                 label_noise: float = 0.0) -> Dataset:
+    """Load a registered dataset as CPU uint8 tensors with a seeded train/val split, and
+    ``label_noise`` (a rate in [0, 1)) applied to the train and val labels."""
+    if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0 <= label_noise < 1:
+        raise ValueError(f"label_noise must be a number in [0, 1); got {label_noise!r}")
     info, loader = DATASETS.get(name)
     train, test = loader(root, download)
     val = None
@@ -89,7 +126,15 @@ def load_dataset(name: str, root: str = "data", val_fraction: float = 0.0, split
         n_val = int(round(len(train) * val_fraction))
         vi, ti = perm[:n_val].sort().values, perm[n_val:].sort().values
         train, val = Split(train.x[ti], train.y[ti]), Split(train.x[vi], train.y[vi])
-    return Dataset(DATASETS.canonical(name), info, train, val, test)
+    noisy_labels = {"train": 0, **({"val": 0} if val is not None else {})}
+    if label_noise > 0:
+        g = torch.Generator().manual_seed(int(split_seed) + LABEL_NOISE_SEED_OFFSET)
+        y, noisy_labels["train"] = corrupt_labels(train.y, label_noise, info.num_classes, g)
+        train = Split(train.x, y, train.y)
+        if val is not None:
+            y, noisy_labels["val"] = corrupt_labels(val.y, label_noise, info.num_classes, g)
+            val = Split(val.x, y, val.y)
+    return Dataset(DATASETS.canonical(name), info, train, val, test, float(label_noise), noisy_labels)
 
 
 # --- digits -------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def check_device(cfg: RunConfig, local_world_size: Optional[int] = None) -> None
 def load_data(cfg: RunConfig) -> Dataset:
     d = cfg.dataset
     try:
-        data = load_dataset(d.name, d.root, d.val_fraction, d.split_seed, d.download)
+        data = load_dataset(d.name, d.root, d.val_fraction, d.split_seed, d.download, d.label_noise)
     except DatasetError as e:
         raise ConfigError(f"dataset={d.name}: {e}") from e
     if cfg.train.batch_size > len(data.train):

@@ -130,6 +130,7 @@ class RunRecorder:
         summary = {
             "graph": self.cfg.graph.name,
             "dataset": self.cfg.dataset.name,
+            "label_noise": self.cfg.dataset.label_noise,
             "seed": self.cfg.seed,
             "epochs": len(self.history),
             "nodes": nodes,

@@ -36,7 +36,8 @@ def test_groups_are_there():
     options("graph"), options("dataset"), options("optim"), options("logger"))))
 def test_every_combination_composes(graph, dataset, optim, logger):
     cfg = composed(f"graph={graph}", f"dataset={dataset}", f"optim={optim}", f"logger={logger}")
-    assert cfg.graph.name == graph and cfg.dataset.name == dataset
+    # a preset's dataset name (digits_noisy is digits with label noise)
+    assert cfg.graph.name == graph and cfg.dataset.name == OmegaConf.load(CONF / "dataset" / f"{dataset}.yaml").name
 
 
 def test_defaults_are_the_main_job():
@@ -57,6 +58,31 @@ def test_command_line_overrides_reach_every_field():
                    "optim.lr=0.2", "dataset.val_fraction=0.3")
     assert (cfg.train.epochs, cfg.seed, cfg.graph.temperature, cfg.graph.nodes[1].model) == (7, 3, 4.0, "wrn28_2")
     assert (cfg.optim.lr, cfg.dataset.val_fraction) == (0.2, 0.3)
+
+
+def test_label_noise_defaults_off_and_digits_noisy_sets_it():
+    assert composed().dataset.label_noise == 0.0
+    cfg = composed("dataset=digits_noisy")
+    assert (cfg.dataset.name, cfg.dataset.label_noise) == ("digits", 0.4)
+    clean = composed("dataset=digits")
+    # otherwise the digits preset: the same split and augmentation
+    assert {**vars(cfg.dataset), "label_noise": 0.0} == vars(clean.dataset)
+    assert composed("dataset=digits_noisy", "dataset.label_noise=0.2").dataset.label_noise == 0.2
+    # a preset that does not list label_noise (the default, 0) takes it with ++
+    assert composed("dataset=cifar10", "++dataset.label_noise=0.2").dataset.label_noise == 0.2
+
+
+@pytest.mark.parametrize("value, shown", [("-0.1", "-0.1"), ("1.0", "1.0"), ("1", "1"), ("a", "'a'"), ("true", "True")])
+def test_bad_label_noise_is_refused(value, shown):
+    from actors.config import DatasetConfig
+
+    message = rf"dataset.label_noise must be a number in \[0, 1\); got {shown}$"
+    with pytest.raises(ConfigError, match=message):
+        composed("dataset=digits_noisy", f"dataset.label_noise={value}")
+    with pytest.raises(ConfigError, match=message):
+        composed(f"++dataset.label_noise={value}")
+    with pytest.raises(ConfigError, match=r"dataset.label_noise must be a number in \[0, 1\); got -0.1"):
+        DatasetConfig(label_noise=-0.1)
 
 
 def test_kd_teacher_path_follows_the_dataset():

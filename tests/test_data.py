@@ -121,3 +121,108 @@ def test_augment_crops_and_flips_per_sample():
 
 def test_to_float_scales_uint8():
     assert torch.equal(to_float(torch.tensor([[[[0, 255]]]], dtype=torch.uint8)), torch.tensor([[[[0.0, 1.0]]]]))
+
+
+# --- symmetric label noise (dataset.label_noise) --------------------------------------------
+
+
+def test_label_noise_changes_exactly_that_fraction_of_train_and_val_and_no_test_label():
+    clean = load_dataset("digits", val_fraction=0.15, split_seed=0)
+    for r in (0.1, 0.4, 0.9):
+        d = load_dataset("digits", val_fraction=0.15, split_seed=0, label_noise=r)
+        n_train, n_val = round(r * len(clean.train)), round(r * len(clean.val))
+        assert int((d.train.y != clean.train.y).sum()) == n_train and int((d.val.y != clean.val.y).sum()) == n_val
+        assert d.noisy_labels == {"train": n_train, "val": n_val} and d.label_noise == r
+        assert torch.equal(d.test.y, clean.test.y) and torch.equal(d.test.x, clean.test.x)  # the test split stays clean
+        assert d.test.y_clean is None
+        # the clean labels are kept beside the noisy ones
+        assert torch.equal(d.train.y_clean, clean.train.y) and torch.equal(d.val.y_clean, clean.val.y)
+    d = load_dataset("digits", val_fraction=0.15, split_seed=0, label_noise=0.4)
+    assert (d.noisy_labels["train"], d.noisy_labels["val"]) == (489, 86)  # round(0.4 * 1222), round(0.4 * 216)
+    assert d.train.y.dtype == torch.int64 and int(d.train.y.min()) >= 0 and int(d.train.y.max()) < 10
+
+
+def test_label_noise_never_keeps_the_clean_class_and_spreads_over_every_other_class():
+    clean = load_dataset("digits", val_fraction=0.15, split_seed=0)
+    d = load_dataset("digits", val_fraction=0.15, split_seed=0, label_noise=0.5)
+    for noisy, orig in ((d.train.y, clean.train.y), (d.val.y, clean.val.y)):
+        changed = noisy != orig
+        assert not torch.equal(noisy, orig)
+        assert (noisy[changed] != orig[changed]).all()
+    changed = d.train.y != clean.train.y
+    wrong = d.train.y[changed]
+    assert set(wrong.tolist()) == set(range(10))  # every class appears as a wrong label
+    for c in range(10):  # and each clean class is sent to every one of the 9 others
+        assert set(wrong[clean.train.y[changed] == c].tolist()) == set(range(10)) - {c}
+    # roughly uniform: 611 wrong labels over 10 classes, about 61 each
+    counts = torch.bincount(wrong, minlength=10)
+    assert int(counts.min()) > 30 and int(counts.max()) < 100
+
+
+def test_label_noise_depends_on_split_seed_only_and_leaves_the_split_alone():
+    a = load_dataset("digits", val_fraction=0.15, split_seed=0, label_noise=0.4)
+    b = load_dataset("digits", val_fraction=0.15, split_seed=0, label_noise=0.4)
+    assert torch.equal(a.train.y, b.train.y) and torch.equal(a.val.y, b.val.y)  # every process draws the same
+    other = load_dataset("digits", val_fraction=0.15, split_seed=1, label_noise=0.4)
+    other_clean = load_dataset("digits", val_fraction=0.15, split_seed=1)
+    assert int((other.train.y != other_clean.train.y).sum()) == round(0.4 * len(other_clean.train))
+    # without a val split the samples do not depend on split_seed, the noise does
+    s0 = load_dataset("digits", split_seed=0, label_noise=0.4)
+    s1 = load_dataset("digits", split_seed=1, label_noise=0.4)
+    assert torch.equal(s0.train.x, s1.train.x) and torch.equal(s0.train.y_clean, s1.train.y_clean)
+    assert not torch.equal(s0.train.y, s1.train.y)
+    assert not torch.equal(s0.train.y != s0.train.y_clean, s1.train.y != s1.train.y_clean)  # other samples chosen
+    clean = load_dataset("digits", val_fraction=0.15, split_seed=0)
+    # the same samples in train and val, in the same order, with and without noise
+    assert torch.equal(a.train.x, clean.train.x) and torch.equal(a.val.x, clean.val.x)
+    assert torch.equal(other.train.x, other_clean.train.x) and torch.equal(other.val.x, other_clean.val.x)
+
+
+def test_no_label_noise_is_bitwise_the_clean_dataset():
+    clean = load_dataset("digits", val_fraction=0.15, split_seed=0)
+    for d in (load_dataset("digits", val_fraction=0.15, split_seed=0, label_noise=0.0),
+              load_dataset("digits", val_fraction=0.15, split_seed=0, label_noise=0)):
+        for s, c in ((d.train, clean.train), (d.val, clean.val), (d.test, clean.test)):
+            assert torch.equal(s.x, c.x) and torch.equal(s.y, c.y) and s.y_clean is None
+        assert d.noisy_labels == {"train": 0, "val": 0} and d.label_noise == 0.0
+    # a rate too small to change one label changes none
+    tiny = load_dataset("digits", val_fraction=0.15, split_seed=0, label_noise=1e-4)
+    assert tiny.noisy_labels == {"train": 0, "val": 0} and torch.equal(tiny.train.y, clean.train.y)
+
+
+def test_label_noise_without_a_val_split_and_on_device():
+    clean = load_dataset("digits", val_fraction=0.0)
+    d = load_dataset("digits", val_fraction=0.0, label_noise=0.2)
+    assert d.val is None and d.noisy_labels == {"train": round(0.2 * len(clean.train))}
+    assert int((d.train.y != clean.train.y).sum()) == d.noisy_labels["train"]
+    moved = d.to(torch.device("cpu"))
+    assert moved.label_noise == 0.2 and moved.noisy_labels == d.noisy_labels
+    assert torch.equal(moved.train.y_clean, clean.train.y)
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, "a", True])
+def test_load_dataset_refuses_a_bad_label_noise(rate):
+    with pytest.raises(ValueError, match=r"label_noise must be a number in \[0, 1\)"):
+        load_dataset("digits", label_noise=rate)
+
+
+def test_label_noise_reaches_the_loader_and_the_summary(tmp_path):
+    from actors.metrics import NodeEpochMetrics
+    from actors.preflight import load_data
+    from coordinator.recorder import RunRecorder
+    from coordinator.rundir import RunDir
+    from tests.helpers import small_config
+
+    cfg = small_config(["convnet"], [["Through"]], dataset__label_noise=0.4)
+    data = load_data(cfg)
+    assert data.label_noise == 0.4 and data.noisy_labels == {"train": 489, "val": 86}
+    rec = RunRecorder(cfg, RunDir(tmp_path), cfg.to_dict())
+    rec.log_epoch([NodeEpochMetrics(epoch=1, node=0, model="convnet", frozen=False, train_loss=1.0, train_acc=50.0, lr=0.1,
+                                    skipped_steps=0, train_time_s=1.0, val_acc=40.0, ensemble_val_acc=40.0,
+                                    test_acc=30.0, ensemble_test_acc=30.0)])
+    summary = rec.finish(steps_per_epoch=3)
+    assert summary["label_noise"] == 0.4
+    assert list(summary)[:4] == ["graph", "dataset", "label_noise", "seed"]
+    import json
+
+    assert json.loads((tmp_path / "summary.json").read_text())["label_noise"] == 0.4
