@@ -2,6 +2,9 @@
 
 It runs in the node's own process and wraps the very same ``NodeWorker`` that a torchrun
 rank runs, started by the same ``start_node``; the trial's driver steps it through epochs.
+A warm actor outlives its trial: ``reset`` gives it the next trial's graph in the process
+group it has already formed (``actors.start.restart_node``), from the global RNG state a
+fresh process starts with, so a warm trial trains exactly as a cold one.
 """
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ class NodeActor:
     """Graph node ``rank`` of a group of ``world_size`` actors."""
 
     def __init__(self, cfg: RunConfig, rank: int, world_size: int, files: Optional[Callable[[int], NodeStateFiles]]):
+        import torch
+
         self.cfg, self.rank, self.world_size, self.files = cfg, rank, world_size, files
         self.worker = None
+        self.fresh_rng = torch.get_rng_state()  # what torch's global RNG holds in a new process
 
     def rendezvous(self) -> str:
         """A ``tcp://`` address on this actor's machine for the group to form at."""
@@ -36,6 +42,28 @@ class NodeActor:
         if states is not None:
             self.worker.load_states(states)
         return self.worker.steps_per_epoch
+
+    def reset(self, cfg: RunConfig, files: Optional[Callable[[int], NodeStateFiles]],
+              states: Optional[dict[int, dict[str, Any]]] = None) -> int:
+        """Host the nodes of another graph (the next trial) in this warm process: new models,
+        optimisers and gates; the process group, imports and data stay."""
+        import torch
+
+        from actors.start import restart_node
+
+        previous, self.worker = self.worker, None
+        if previous is None:
+            raise RuntimeError("reset before setup: this actor never joined a group")
+        torch.set_rng_state(self.fresh_rng)
+        self.cfg, self.files = cfg, files
+        self.worker = restart_node(cfg, previous, files, default_threads=1)
+        del previous
+        if states is not None:
+            self.worker.load_states(states)
+        return self.worker.steps_per_epoch
+
+    def load_states(self, states: dict[int, dict[str, Any]]) -> None:
+        self.worker.load_states(states)
 
     def run_epoch(self, epoch: int, checkpoint: bool = False) -> list[NodeEpochMetrics]:
         return self.worker.run_epoch(epoch, checkpoint)

@@ -6,6 +6,10 @@ Actor 0 picks the rendezvous address, all actors join one torch.distributed grou
 epochs (``coordinator.epochs.drive_epochs``) with ``ray.get``. The group checkpoints travel
 to the driver as states (``ray.get``), so they reach the trial's storage from any machine.
 Killing the driver's trial kills its actors, so nothing of a stopped trial keeps running.
+
+A group is warm once formed: ``reset`` hands its actors the next trial's graph, and they
+rebuild only the models, optimisers and gates (``NodeActor.reset``), keeping their
+processes, imports, data and process group.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ class ActorGroup:
                  cpus_per_node: float = 1, gpus_per_node: float = 0,
                  states: Optional[list[dict[str, Any]]] = None, processes: Optional[int] = None):
         m = processes or cfg.graph.num_nodes
-        self.cfg = cfg
+        self.cfg, self.processes = cfg, m
         remote = ray.remote(NodeActor)
         rd = RunDir(run_dir) if run_dir else None
         self.actors = []
@@ -46,10 +50,37 @@ class ActorGroup:
                     placement_group=placement_group, placement_group_bundle_index=i + 1)
             self.actors.append(remote.options(**opts).remote(cfg, i, m, rd.node_files if rd else None))
         init_method = ray.get(self.actors[0].rendezvous.remote())
-        # every actor is handed every node's state and loads those of the nodes it hosts
-        every = ray.put(dict(enumerate(states))) if states else None
-        self.steps_per_epoch = ray.get([a.setup.remote(init_method, every) for a in self.actors])[0]
+        self.steps_per_epoch = ray.get([a.setup.remote(init_method, self._every(states)) for a in self.actors])[0]
         self._checkpoint_dir: Optional[tempfile.TemporaryDirectory] = None
+
+    @staticmethod
+    def _every(states: Optional[list[dict[str, Any]]]):
+        """Every node's state for every actor, which loads those of the nodes it hosts."""
+        return ray.put(dict(enumerate(states))) if states else None
+
+    def fits(self, cfg: RunConfig, processes: Optional[int] = None) -> Optional[str]:
+        """Why this group cannot run ``cfg`` warm (None: it can)."""
+        from actors.start import warm_mismatch
+
+        if self.actors == []:
+            return "the group was shut down"
+        m = processes or cfg.graph.num_nodes
+        if m != self.processes:
+            return f"{m} processes instead of {self.processes}"
+        return warm_mismatch(self.cfg, cfg)
+
+    def reset(self, cfg: RunConfig, run_dir: Optional[str], states: Optional[list[dict[str, Any]]] = None) -> None:
+        """Run another graph (``fits``) on these warm actors: each rebuilds its nodes'
+        models, optimisers and gates in the process group it has formed."""
+        self._drop_checkpoint_dir()
+        files = RunDir(run_dir).node_files if run_dir else None
+        self.cfg = cfg
+        self.steps_per_epoch = ray.get([a.reset.remote(cfg, files, self._every(states)) for a in self.actors])[0]
+
+    def load_states(self, states: list[dict[str, Any]]) -> None:
+        """Continue from every node's state (a restored trial)."""
+        every = self._every(states)
+        ray.get([a.load_states.remote(every) for a in self.actors])
 
     def run_epoch(self, epoch: int, checkpoint: bool = False) -> list[NodeEpochMetrics]:
         """Every node's metrics for ``epoch`` (raises if any node fails). The nodes write no

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ray.tune import Callback
+from ray.tune import Callback, Trainable
+from ray.tune.result import SHOULD_CHECKPOINT
 from ray.tune.search import Searcher
 
 from actors.config import RunConfig
@@ -104,69 +105,156 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
-def graph_trial(params: dict[str, Any], base: dict[str, Any], space: SearchConfig, experiment: str) -> None:
-    """Tune function trainable: train the sampled graph as M Ray actors, report each epoch."""
-    from ray import tune
-    from ray.util import get_current_placement_group
+class GraphTrial(Trainable):
+    """One trial: the sampled graph trained as an actor group (``coordinator.group``), one
+    Tune step per epoch, the target's val accuracy reported to ASHA.
 
-    from actors.files import load_state
-    from coordinator.epochs import EpochReport, drive_epochs
-    from coordinator.group import ActorGroup
-    from coordinator.recorder import RunRecorder
-    from coordinator.rundir import RunDir
+    Warm groups (``search.warm``, Tune's ``reuse_actors``): when a trial ends (completed,
+    stopped by ASHA), Tune hands this trainable the next trial's config (``reset_config``),
+    and the same node actors, in the same placement group, rebuild only the models,
+    optimisers and gates (``ActorGroup.reset``). A trial whose step fails, or a group that
+    cannot run the next graph, is shut down and the next trial starts a fresh one."""
 
-    t_start = time.time()
-    ctx = tune.get_context()
-    trial_id = ctx.get_trial_id()
-    graph = space.graph_from(params, name=f"{experiment}-{trial_id}")
-    if graph is None:  # only from a model-based searcher: report without training
-        tune.report({METRIC: 0.0, "epoch": space.max_epochs, "invalid": True})
-        return
-    cfg_dict = copy.deepcopy(base)
-    cfg_dict["graph"] = graph
-    for key, value in params.items():
-        if key.startswith("extra:"):
-            _set_dotted(cfg_dict, key[len("extra:"):], value)
-    cfg_dict.setdefault("logger", {})["group"] = experiment
-    cfg = RunConfig.from_dict(cfg_dict)
-    run_dir = RunDir(ctx.get_trial_dir())
+    def setup(self, config: dict[str, Any], base: dict[str, Any], space: SearchConfig, experiment: str) -> None:
+        self.base, self.space, self.experiment = base, space, experiment
+        self.group = None
+        self.recorder = None
+        self.warm_starts = 0
+        self._start_trial(config)
 
-    states, start, history = None, 0, []
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # a retried or resumed trial continues where it stopped
-        with checkpoint.as_directory() as d:
-            states = [load_state(Path(d) / f"node{i}.pt") for i in range(cfg.graph.num_nodes)]
-        start = int(states[0]["epoch"])
-        history = run_dir.keep_metrics(start, cfg.graph.num_nodes)
-    else:
-        run_dir.clear_metrics()
-    run_dir.write_config(cfg_dict)
+    # --- a trial's life ---------------------------------------------------------------------
 
-    gpus = space.gpus_per_node
-    if gpus is None:
-        import ray
+    def _start_trial(self, params: dict[str, Any]) -> None:
+        from ray.util import get_current_placement_group
 
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    group = ActorGroup(cfg, str(run_dir), get_current_placement_group(), space.cpus_per_node, gpus, states,
-                       processes=space.processes)
-    recorder = RunRecorder(cfg, run_dir, cfg_dict, wandb_name=f"{experiment}-{trial_id}", history=history)
+        from coordinator.group import ActorGroup
+        from coordinator.rundir import RunDir
 
-    def report(r: EpochReport) -> None:
-        """The trial's report to Tune: the target's val accuracy (ASHA's metric), and the
-        group checkpoint when one was written."""
+        self.t_start = time.time()
+        self.driver, self.recorder, self.start_epoch, self.last_checkpoint = None, None, 0, None
+        space = self.space
+        graph = space.graph_from(params, name=f"{self.experiment}-{self.trial_id}")
+        self.invalid = graph is None  # only from a model-based searcher: report without training
+        if self.invalid:
+            return
+        cfg_dict = copy.deepcopy(self.base)
+        cfg_dict["graph"] = graph
+        for key, value in params.items():
+            if key.startswith("extra:"):
+                _set_dotted(cfg_dict, key[len("extra:"):], value)
+        cfg_dict.setdefault("logger", {})["group"] = self.experiment
+        self.cfg_dict, self.cfg = cfg_dict, RunConfig.from_dict(cfg_dict)
+        self.run_dir = RunDir(self._storage.trial_driver_staging_path)
+        self.run_dir.write_config(cfg_dict)
+        why = self.group.fits(self.cfg, space.processes) if self.group is not None else "no group yet"
+        if why is None:
+            try:
+                self.group.reset(self.cfg, str(self.run_dir))
+                self.warm = True
+                self.warm_starts += 1
+                return
+            except Exception as e:  # e.g. a missing teacher checkpoint: the group may be half reset
+                self._discard_group()
+                raise e
+        if self.group is not None:
+            log.info(f"[search] trial {self.trial_id}: a new actor group ({why})")
+            self._discard_group()
+        gpus = space.gpus_per_node
+        if gpus is None:
+            import ray
+
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        self.group = ActorGroup(self.cfg, str(self.run_dir), get_current_placement_group(), space.cpus_per_node, gpus,
+                                processes=space.processes)
+        self.warm = False
+
+    def _driver(self):
+        """The trial's epoch loop, made at its first step: after ``load_checkpoint`` when Tune
+        restores the trial (a retry, a resumed search), which sets where it starts."""
+        if self.driver is None:
+            from coordinator.epochs import EpochDriver
+            from coordinator.recorder import RunRecorder
+
+            if self.start_epoch:
+                history = self.run_dir.keep_metrics(self.start_epoch, self.cfg.graph.num_nodes)
+            else:
+                history = []
+                self.run_dir.clear_metrics()
+            self.recorder = RunRecorder(self.cfg, self.run_dir, self.cfg_dict, wandb_name=f"{self.experiment}-{self.trial_id}",
+                                        history=history)
+            self.driver = EpochDriver(self.group, self.start_epoch, self.cfg.train.epochs, self.space.checkpoint_every,
+                                      self.recorder)
+        return self.driver
+
+    def step(self) -> dict[str, Any]:
+        if self.invalid:
+            return {METRIC: 0.0, "epoch": self.space.max_epochs, "invalid": True, "done": True}
+        try:
+            driver = self._driver()
+            r = driver.next()
+        except BaseException:
+            self._discard_group()  # a failed group is never reused: its actors may be mid-collective
+            raise
         target = r.metrics[0]
         metrics = {METRIC: target.val_acc if target.val_acc is not None else 0.0, "epoch": r.epoch,
                    "ensemble_val_acc": target.ensemble_val_acc, "train_loss": target.train_loss}
         if r.first:
-            metrics["launch_overhead_s"] = target.first_step_at - t_start
-        checkpoint = tune.Checkpoint.from_directory(str(r.checkpoint)) if r.checkpoint is not None else None
-        tune.report(metrics, checkpoint=checkpoint)
+            metrics["launch_overhead_s"] = target.first_step_at - self.t_start
+            metrics["warm"] = self.warm
+        self.last_checkpoint = (r.epoch, r.checkpoint) if r.checkpoint is not None else self.last_checkpoint
+        if r.checkpoint is not None:
+            metrics[SHOULD_CHECKPOINT] = True
+        if driver.done:
+            metrics["done"] = True
+        return metrics
 
-    try:
-        drive_epochs(group, start, cfg.train.epochs, space.checkpoint_every, recorder, report)
-    finally:
-        group.shutdown()
-        recorder.close()
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        """Every node's state (``node<i>.pt``): the group checkpoint of the last epoch when one
+        was committed, else fetched from the actors now (at an epoch boundary)."""
+        import shutil
+
+        import torch
+
+        epochs = self.driver.epoch if self.driver is not None else self.start_epoch
+        if self.last_checkpoint is not None and self.last_checkpoint[0] == epochs and self.last_checkpoint[1].is_dir():
+            for f in sorted(self.last_checkpoint[1].glob("node*.pt")):
+                shutil.copyfile(f, Path(checkpoint_dir) / f.name)
+            return
+        for i, state in enumerate(self.group.states()):
+            torch.save(state, Path(checkpoint_dir) / f"node{i}.pt")
+
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        """A retried or resumed trial continues where its checkpoint stopped."""
+        from actors.files import load_state
+
+        if self.invalid:
+            return
+        states = [load_state(Path(checkpoint_dir) / f"node{i}.pt") for i in range(self.cfg.graph.num_nodes)]
+        self.group.load_states(states)
+        self.start_epoch = int(states[0]["epoch"])
+        self.driver = None
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        """The next trial on this warm trainable (Tune's ``reuse_actors``)."""
+        self._end_trial()
+        self._start_trial(new_config)
+        return True
+
+    def _end_trial(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
+        if self.group is not None:
+            self.group._drop_checkpoint_dir()
+
+    def _discard_group(self) -> None:
+        if self.group is not None:
+            group, self.group = self.group, None
+            group.shutdown()
+
+    def cleanup(self) -> None:
+        self._end_trial()
+        self._discard_group()
 
 
 # --- the experiment --------------------------------------------------------------------------------
@@ -381,7 +469,7 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
     experiment = out_dir.name
     _init_ray(space)
 
-    trainable = tune.with_parameters(graph_trial, base=base, space=space, experiment=experiment)
+    trainable = tune.with_parameters(GraphTrial, base=base, space=space, experiment=experiment)
     gpus = space.gpus_per_node
     if gpus is None:
         import ray
@@ -420,7 +508,8 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=search_alg,
-                                        num_samples=space.num_samples, trial_dirname_creator=_trial_dirname),
+                                        num_samples=space.num_samples, trial_dirname_creator=_trial_dirname,
+                                        reuse_actors=space.warm),
             run_config=tune.RunConfig(
                 name=experiment, storage_path=str(out_dir.parent), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=space.max_failures),
@@ -465,6 +554,7 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
         else:
             status = "completed"
         overhead = df["launch_overhead_s"].dropna().tolist() if df is not None and "launch_overhead_s" in df else []
+        warm = df["warm"].dropna().tolist() if df is not None and "warm" in df else []
         rows.append({
             "trial": Path(r.path).name if r.path else "?",
             "models": ", ".join(n["model"] + ("*" if "checkpoint" in n else "") for n in graph["nodes"]) if graph else "",
@@ -474,7 +564,8 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
             "last_val_acc": round(vals[-1], 3) if vals else None,
             "best_val_acc": round(max(vals), 3) if vals else None,
             "status": status,
-            "launch_overhead_s": round(overhead[0], 2) if overhead else None,
+            "launch_overhead_s": round(overhead[0], 3) if overhead else None,
+            "warm": bool(warm[0]) if warm else None,
             "_graph": graph, "_cfg": cfg,
         })
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -497,6 +588,8 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
     best = max((r for r in trained if r["epochs"] == top), key=lambda r: r["last_val_acc"])
     best_path = export_graph(best["_graph"], best["_cfg"], space, out_dir / "best_graph.yaml", best)
     overheads = [r["launch_overhead_s"] for r in rows if r["launch_overhead_s"] is not None]
+    by_start = {w: [r["launch_overhead_s"] for r in rows if r["launch_overhead_s"] is not None and r["warm"] is w]
+                for w in (False, True)}
     summary = {
         "experiment": str(out_dir),
         "trials": len(rows),
@@ -509,6 +602,10 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
         "best_models": best["models"], "best_gates": best["gates"],
         "wall_s": wall_s,
         "launch_overhead_s_mean": sum(overheads) / len(overheads) if overheads else None,
+        # trial start -> first training step, by how the trial's group started
+        "cold_starts": len(by_start[False]), "warm_starts": len(by_start[True]),
+        "cold_start_s_mean": sum(by_start[False]) / len(by_start[False]) if by_start[False] else None,
+        "warm_start_s_mean": sum(by_start[True]) / len(by_start[True]) if by_start[True] else None,
         # ASHA's schedule, for the search picture's rungs (drawing.figures.draw_search)
         "grace_period": space.grace_period,
         "reduction_factor": space.reduction_factor,

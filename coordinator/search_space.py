@@ -67,6 +67,11 @@ class SearchConfig:
     """Where experiments are stored (one folder per experiment)."""
     resume: Optional[str] = None
     """Path of an interrupted experiment to continue."""
+    warm: bool = True
+    """Keep each trial's actor group for the next trial (Tune's ``reuse_actors``): the next
+    graph rebuilds only its models, optimisers and gates in processes that have imported
+    torch, loaded the data and formed their process group. Results are the same either way
+    (bitwise on CPU); false starts every trial's actors anew."""
     max_failures: int = 0
     """Retries of a failed trial, from its last checkpoint."""
     checkpoint_every: int = 1

@@ -1,7 +1,8 @@
 """The Ray actor group: a graph's nodes as Ray actors run the same worker as torchrun, a
 group packed into fewer actors trains the same nodes, and a group rebuilt from its
 per-epoch states, in any packing, continues exactly (what a retried or resumed search
-trial does)."""
+trial does), and a warm group (the next search trial on the same actors) trains a graph
+exactly as a fresh group does."""
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_group_restored_from_states_continues_exactly(ray_cluster, tmp_path):
+def test_group_restored_from_states_or_warm_continues_exactly(ray_cluster, tmp_path):
     from coordinator.group import ActorGroup
 
     cfg = small_config(["convnet", "convnet"], [[T, "Linear"], ["Correct", T]], train__epochs=2)
@@ -38,11 +39,25 @@ def test_group_restored_from_states_continues_exactly(ray_cluster, tmp_path):
     final_b = resumed.states()
     resumed.shutdown()
 
+    # warm: the actors of a trial with another graph and learning rate, stopped after one epoch
+    # (as ASHA stops one), then handed this graph: the same epochs as the fresh group
+    other = small_config(["convnet", "convnet"], [["Linear", "Cutoff"], [T, T]], train__epochs=4, optim__lr=0.2)
+    warm = ActorGroup(other, str(tmp_path / "c0"))
+    warm.run_epoch(0)
+    assert warm.fits(cfg) is None and "1 processes instead of 2" in warm.fits(cfg, processes=1)
+    warm.reset(cfg, str(tmp_path / "c"))
+    rows_c = [warm.run_epoch(e) for e in range(2)]
+    final_c = warm.states()
+    warm.shutdown()
+
     strip = lambda rows: [{k: v for k, v in m.record().items() if not k.endswith("time_s")} for m in rows]  # noqa: E731
     assert strip(rows_first) == strip(rows_a[0]) and strip(rows_b) == strip(rows_a[1])
-    for a, b in zip(final_a, final_b):
-        assert a["step"] == b["step"] == 2 * (1222 // 32)
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [strip(r) for r in rows_c] == [strip(r) for r in rows_a]
+    for a, b, c in zip(final_a, final_b, final_c):
+        assert a["step"] == b["step"] == c["step"] == 2 * (1222 // 32)
+        assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+        assert all(torch.equal(a["optimizer"]["state"][i]["momentum_buffer"], c["optimizer"]["state"][i]["momentum_buffer"])
+                   for i in a["optimizer"]["state"])
 
 
 def test_a_killed_actor_fails_the_group_fast(ray_cluster, tmp_path):

@@ -134,6 +134,33 @@ def test_asha_stops_trials_early_and_failures_do_not_stop_the_search(tiny_search
     assert float(rows[0]["launch_overhead_s"]) > 0
 
 
+def test_warm_trials_start_fast_and_train_as_cold_ones(tiny_search, tmp_path):
+    """search.warm (default): trials after the first on a group reuse its actors; one starts in a
+    fraction of a cold start, and trains exactly (bitwise on CPU) as the same graph run cold."""
+    import json
+
+    from actors.config import RunConfig
+    from coordinator.local import run_local
+
+    summary, rows, out = tiny_search
+    warm = [r for r in rows if r["warm"] == "True" and not r["status"].startswith("failed")]
+    cold = [r for r in rows if r["warm"] == "False"]
+    assert warm and cold, [(r["trial"], r["warm"], r["status"]) for r in rows]
+    assert summary["warm_starts"] == len([r for r in rows if r["warm"] == "True"]) and summary["cold_starts"] == len(cold)
+    assert max(float(r["launch_overhead_s"]) for r in warm) < 0.5 < min(float(r["launch_overhead_s"]) for r in cold)
+    trial = max(warm, key=lambda r: int(r["epochs"]))
+    cfg = RunConfig.from_dict(json.loads((out / trial["trial"] / "run_config.json").read_text()))
+    run_local(cfg, tmp_path / "cold", timeout_s=300, processes=1)
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if not k.endswith("time_s")}  # noqa: E731
+    got = [strip(line) for line in (out / trial["trial"] / "metrics.jsonl").read_text().splitlines()]
+    want = [strip(line) for line in (tmp_path / "cold" / "metrics.jsonl").read_text().splitlines()]
+    assert len(got) == 2 * int(trial["epochs"]) and got == want[: len(got)]
+    if trial["status"] == "completed":
+        a = torch.load(out / trial["trial"] / "node0.pt", weights_only=True)
+        b = torch.load(tmp_path / "cold" / "node0.pt", weights_only=True)
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_exported_graph_retrains_under_torchrun(tiny_search, tmp_path):
     summary, _, _ = tiny_search
     best = Path(summary["best_graph"])
