@@ -72,7 +72,7 @@ class ActorGroup:
     def reset(self, cfg: RunConfig, run_dir: Optional[str], states: Optional[list[dict[str, Any]]] = None) -> None:
         """Run another graph (``fits``) on these warm actors: each rebuilds its nodes'
         models, optimisers and gates in the process group it has formed."""
-        self._drop_checkpoint_dir()
+        self.drop_checkpoint_dir()
         files = RunDir(run_dir).node_files if run_dir else None
         self.cfg = cfg
         self.steps_per_epoch = ray.get([a.reset.remote(cfg, files, self._every(states)) for a in self.actors])[0]
@@ -96,7 +96,7 @@ class ActorGroup:
     def commit_checkpoint(self, epochs_done: int) -> Path:
         """Every node's state, written to a fresh temporary folder on the driver
         (``node<i>.pt``), for the trial to report to Tune; the previous one is removed."""
-        self._drop_checkpoint_dir()
+        self.drop_checkpoint_dir()
         self._checkpoint_dir = tempfile.TemporaryDirectory(prefix=f"ktg-epoch{epochs_done}-")
         folder = Path(self._checkpoint_dir.name)
         for i, state in enumerate(self.states()):
@@ -107,7 +107,7 @@ class ActorGroup:
         """Each node writes its final state to <run_dir>/node<i>.pt."""
         ray.get([a.save_final.remote() for a in self.actors])
 
-    def _drop_checkpoint_dir(self) -> None:
+    def drop_checkpoint_dir(self) -> None:
         if self._checkpoint_dir is not None:
             self._checkpoint_dir.cleanup()
             self._checkpoint_dir = None
@@ -116,4 +116,4 @@ class ActorGroup:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
-        self._drop_checkpoint_dir()
+        self.drop_checkpoint_dir()

@@ -153,9 +153,9 @@ class GraphTrial(Trainable):
                 self.warm = True
                 self.warm_starts += 1
                 return
-            except Exception as e:  # e.g. a missing teacher checkpoint: the group may be half reset
+            except Exception:  # e.g. a missing teacher checkpoint: the group may be half reset
                 self._discard_group()
-                raise e
+                raise
         if self.group is not None:
             log.info(f"[search] trial {self.trial_id}: a new actor group ({why})")
             self._discard_group()
@@ -215,6 +215,8 @@ class GraphTrial(Trainable):
 
         import torch
 
+        if self.invalid:  # nothing was trained (Tune checkpoints a trial when it ends)
+            return
         epochs = self.driver.epoch if self.driver is not None else self.start_epoch
         if self.last_checkpoint is not None and self.last_checkpoint[0] == epochs and self.last_checkpoint[1].is_dir():
             for f in sorted(self.last_checkpoint[1].glob("node*.pt")):
@@ -245,7 +247,7 @@ class GraphTrial(Trainable):
             self.recorder.close()
             self.recorder = None
         if self.group is not None:
-            self.group._drop_checkpoint_dir()
+            self.group.drop_checkpoint_dir()
 
     def _discard_group(self) -> None:
         if self.group is not None:
@@ -513,7 +515,8 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
             run_config=tune.RunConfig(
                 name=experiment, storage_path=str(out_dir.parent), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=space.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # a trial asks for its checkpoints itself (should_checkpoint: search.checkpoint_every)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_at_end=False),
                 callbacks=callbacks,
             ),
         )

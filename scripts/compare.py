@@ -5,7 +5,10 @@ node's test accuracy (mean +- std) per preset.
     .venv/bin/python scripts/compare.py --graphs dml ktg3 --seeds 0 1 -- dataset=cifar100 optim=paper
 
 A ``kd`` preset needs its frozen teacher: if ``teachers/<dataset>/resnet110/node0.pt`` is
-missing it is pretrained first (graph=teacher, seed 0). Runs go to ``runs/compare/``; the
+missing it is pretrained first (graph=teacher, seed 0), on the same data (``<dataset>`` is
+the ``dataset=`` preset named, so ``dataset=digits_noisy`` gets a teacher trained on the
+noisy labels, not the clean digits teacher; with ``dataset.label_noise=<r>`` among the
+overrides, ``<dataset>`` is ``<preset>-noise<r>``). Runs go to ``runs/compare/``; the
 table is printed and written to ``runs/compare/table.md``.
 """
 from __future__ import annotations
@@ -55,6 +58,9 @@ def main() -> None:
     out = ROOT / a.out
     dataset = next((o.split("=", 1)[1] for o in a.overrides if o.startswith("dataset=")), "digits")
     common = ["logger=none", *a.overrides]
+    noise = next((o.split("=", 1)[1] for o in a.overrides if o.startswith("dataset.label_noise=")), None)
+    if noise is not None:  # a teacher per noise rate: it learns from the same labels as the graph
+        dataset = f"{dataset}-noise{noise}"
     if "kd" in a.graphs:
         teacher = ROOT / "teachers" / dataset / "resnet110" / "node0.pt"
         if not teacher.is_file():
@@ -66,12 +72,15 @@ def main() -> None:
             run_dir = out / f"{label(g)}-{dataset}-s{s}"
             t = time.perf_counter()
             if not (run_dir / "summary.json").is_file():
-                torchrun(nodes_of(g), [f"graph={g}", f"seed={s}", f"hydra.run.dir={run_dir}", *common])
+                extra = [f"graph.nodes.1.checkpoint={teacher}"] if g == "kd" else []
+                torchrun(nodes_of(g), [f"graph={g}", f"seed={s}", f"hydra.run.dir={run_dir}", *extra, *common])
             summ = json.loads((run_dir / "summary.json").read_text())
             results.setdefault(label(g), []).append(summ)
             print(f"{label(g):<12} seed {s}: target {summ['target_test_acc']:.2f}%  ensemble {summ['ensemble_test_acc']:.2f}%"
                   f"  ({time.perf_counter() - t:.0f}s)", flush=True)
-    lines = [f"Target node (node 0) test accuracy on {dataset}, seeds {a.seeds}, overrides {a.overrides or 'none'}", "",
+    noise = {r.get("label_noise", 0.0) for runs in results.values() for r in runs}
+    noise_s = f" (label noise {', '.join(map(str, sorted(noise)))} on train+val)" if noise != {0.0} else ""
+    lines = [f"Target node (node 0) test accuracy on {dataset}{noise_s}, seeds {a.seeds}, overrides {a.overrides or 'none'}", "",
              "| graph | nodes | target test acc % (mean ± std) | ensemble % | wall s / run |", "|---|---|---|---|---|"]
     for g, runs in results.items():
         acc = [r["target_test_acc"] for r in runs]

@@ -42,8 +42,9 @@ def real_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_search(tmp_path_factory):
-    """6 two-node trials of 4 epochs, each packed into one actor (search.processes_per_trial=1),
-    two at a time on warm groups; learning rate searched too, 1e6 makes a trial fail."""
+    """6 two-node trials of 4 epochs sampled by Optuna's TPE, each packed into one actor
+    (search.processes_per_trial=1), two at a time on warm groups; learning rate searched too,
+    1e6 makes a trial fail."""
     import csv
 
     import ray
@@ -54,7 +55,7 @@ def tiny_search(tmp_path_factory):
     s = SearchConfig(name="tiny", num_nodes=2, target_model="convnet", zoo=["convnet"], num_samples=6,
                      max_epochs=4, grace_period=1, reduction_factor=2, num_cpus=4, verbose=0,
                      teachers_dir=str(out.parent / "no-teachers"), extra={"optim.lr": [0.05, 0.1, 1.0e6]},
-                     processes_per_trial=1)
+                     processes_per_trial=1, searcher="optuna")
     base = {
         "dataset": {"name": "digits", "val_fraction": 0.15, "crop_pad": 1, "flip": False},
         "optim": {"lr": 0.05, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},

@@ -45,6 +45,8 @@ def test_group_restored_from_states_or_warm_continues_exactly(ray_cluster, tmp_p
     warm = ActorGroup(other, str(tmp_path / "c0"))
     warm.run_epoch(0)
     assert warm.fits(cfg) is None and "1 processes instead of 2" in warm.fits(cfg, processes=1)
+    slower = small_config(["convnet", "convnet"], [[T, "Linear"], ["Correct", T]], train__epochs=2, dist_timeout_s=77)
+    assert "dist_timeout_s changed from 300.0 to 77" in warm.fits(slower)  # fixed when the group formed
     warm.reset(cfg, str(tmp_path / "c"))
     rows_c = [warm.run_epoch(e) for e in range(2)]
     final_c = warm.states()

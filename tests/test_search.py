@@ -116,6 +116,8 @@ def test_a_placement_list_is_refused_for_a_search(tmp_path):
 
 
 def test_asha_stops_trials_early_and_failures_do_not_stop_the_search(tiny_search):
+    """A real search (Optuna's TPE, a regular dependency): ASHA stops trials, a failed trial
+    does not stop the search, every trial is a real actor group."""
     summary, rows, out = tiny_search
     assert len(rows) == 6 and summary["trials"] == 6
     statuses = [r["status"] for r in rows]
@@ -125,7 +127,10 @@ def test_asha_stops_trials_early_and_failures_do_not_stop_the_search(tiny_search
     failed = [r for r in rows if r["status"].startswith("failed")]
     assert failed and all('"optim.lr": 1000000.0' in r["extra"] for r in failed)
     assert any("non-finite training loss" in r["status"] for r in failed), [r["status"] for r in failed]
-    ok = [r for r in rows if not r["status"].startswith("failed")]
+    # a graph with a frozen target (no teachers here) is reported as 0 untrained, for TPE to learn from
+    invalid = [r for r in rows if r["status"].startswith("invalid")]
+    assert all(r["epochs"] == "4" and float(r["last_val_acc"]) == 0 and r["warm"] == "" for r in invalid), invalid
+    ok = [r for r in rows if not r["status"].startswith(("failed", "invalid"))]
     assert ok and all(float(r["best_val_acc"]) > 0 for r in ok)
     assert summary["best_val_acc"] == max(float(r["last_val_acc"]) for r in ok if r["epochs"] == "4")
     # each trial is a real actor group: every node wrote its own checkpoint in the trial dir
