@@ -14,9 +14,9 @@ T = "Through"
 
 
 @pytest.mark.parametrize("args, message", [
-    (["graph=nope"], r"^graph=nope: no such preset; available: dml, dml3, dml4, dml_many, independent, kd, ktg3, .*teacher "
+    (["graph=nope"], r"^graph=nope: no such preset; available: digits_noisy_searched, dml, dml3, dml4, dml_many, independent, kd, ktg3, .*teacher "
                      r"\(or a graph .yaml file\)$"),
-    (["dataset=mnist"], r"^dataset=mnist: no such preset; available: cifar10, cifar100, digits, tiny_imagenet$"),
+    (["dataset=mnist"], r"^dataset=mnist: no such preset; available: cifar10, cifar100, digits, digits_noisy, tiny_imagenet$"),
     (["optim=sgd"], r"^optim=sgd: no such preset; available: cpu, paper$"),
     (["logger=tensorboard"], r"^logger=tensorboard: no such preset; available: none, wandb$"),
     (["mode=search", "search=huge"], r"^search=huge: no such preset; available: paper, small$"),
@@ -45,7 +45,7 @@ def test_good_command_lines_pass_the_name_check():
 
 
 def test_every_group_lists_its_presets():
-    assert presets("graph")[:3] == ["dml", "dml3", "dml4"] and "ktg3" in presets("graph")
+    assert presets("graph")[:3] == ["digits_noisy_searched", "dml", "dml3"] and "ktg3" in presets("graph")
 
 
 def test_graph_files_that_are_not_yaml_or_not_a_mapping(tmp_path):
