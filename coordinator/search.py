@@ -119,7 +119,6 @@ class GraphTrial(Trainable):
         self.base, self.space, self.experiment = base, space, experiment
         self.group = None
         self.recorder = None
-        self.warm_starts = 0
         self._start_trial(config)
 
     # --- a trial's life ---------------------------------------------------------------------
@@ -151,7 +150,6 @@ class GraphTrial(Trainable):
             try:
                 self.group.reset(self.cfg, str(self.run_dir))
                 self.warm = True
-                self.warm_starts += 1
                 return
             except Exception:  # e.g. a missing teacher checkpoint: the group may be half reset
                 self._discard_group()

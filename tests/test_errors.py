@@ -14,8 +14,8 @@ T = "Through"
 
 
 @pytest.mark.parametrize("args, message", [
-    (["graph=nope"], r"^graph=nope: no such preset; available: digits_noisy_searched, dml, dml3, dml4, dml_many, independent, kd, ktg3, .*teacher "
-                     r"\(or a graph .yaml file\)$"),
+    (["graph=nope"], r"^graph=nope: no such preset; available: digits_noisy_searched, dml, dml3, dml4, dml_many, independent, kd, "
+                     r"ktg3, .*teacher \(or a graph .yaml file\)$"),
     (["dataset=mnist"], r"^dataset=mnist: no such preset; available: cifar10, cifar100, digits, digits_noisy, tiny_imagenet$"),
     (["optim=sgd"], r"^optim=sgd: no such preset; available: cpu, paper$"),
     (["logger=tensorboard"], r"^logger=tensorboard: no such preset; available: none, wandb$"),

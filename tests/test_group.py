@@ -37,12 +37,12 @@ def test_group_restored_from_states_or_warm_continues_exactly(ray_cluster, tmp_p
     resumed = ActorGroup(cfg, str(tmp_path / "b"), states=saved)  # restored into one actor per node
     rows_b = resumed.run_epoch(1)
     final_b = resumed.states()
-    resumed.shutdown()
 
-    # warm: the actors of a trial with another graph and learning rate, stopped after one epoch
-    # (as ASHA stops one), then handed this graph: the same epochs as the fresh group
+    # warm: these actors get a trial with another graph and learning rate, stopped after one
+    # epoch (as ASHA stops one), then this graph again: the same epochs as the fresh group
+    warm = resumed
     other = small_config(["convnet", "convnet"], [["Linear", "Cutoff"], [T, T]], train__epochs=4, optim__lr=0.2)
-    warm = ActorGroup(other, str(tmp_path / "c0"))
+    warm.reset(other, str(tmp_path / "c0"))
     warm.run_epoch(0)
     assert warm.fits(cfg) is None and "1 processes instead of 2" in warm.fits(cfg, processes=1)
     slower = small_config(["convnet", "convnet"], [[T, "Linear"], ["Correct", T]], train__epochs=2, dist_timeout_s=77)

@@ -58,8 +58,8 @@ def test_unknown_preset_lists_the_available_ones(tmp_path):
     r = run([sys.executable, "launch.py", "graph=nope", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [
-        "error: graph=nope: no such preset; available: digits_noisy_searched, dml, dml3, dml4, dml_many, independent, kd, ktg3, resnet32, slides3, slides4, "
-        "teacher (or a graph .yaml file)"]
+        "error: graph=nope: no such preset; available: digits_noisy_searched, dml, dml3, dml4, dml_many, independent, kd, ktg3, "
+        "resnet32, slides3, slides4, teacher (or a graph .yaml file)"]
 
 
 def test_search_mode_needs_a_search_preset(tmp_path):
