@@ -43,8 +43,7 @@ class NodeActor:
             self.worker.load_states(states)
         return self.worker.steps_per_epoch
 
-    def reset(self, cfg: RunConfig, files: Optional[Callable[[int], NodeStateFiles]],
-              states: Optional[dict[int, dict[str, Any]]] = None) -> int:
+    def reset(self, cfg: RunConfig, files: Optional[Callable[[int], NodeStateFiles]]) -> int:
         """Host the nodes of another graph (the next trial) in this warm process: new models,
         optimisers and gates; the process group, imports and data stay."""
         import torch
@@ -58,8 +57,6 @@ class NodeActor:
         self.cfg, self.files = cfg, files
         self.worker = restart_node(cfg, previous, files, default_threads=1)
         del previous
-        if states is not None:
-            self.worker.load_states(states)
         return self.worker.steps_per_epoch
 
     def load_states(self, states: dict[int, dict[str, Any]]) -> None:

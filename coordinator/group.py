@@ -69,13 +69,13 @@ class ActorGroup:
             return f"{m} processes instead of {self.processes}"
         return warm_mismatch(self.cfg, cfg)
 
-    def reset(self, cfg: RunConfig, run_dir: Optional[str], states: Optional[list[dict[str, Any]]] = None) -> None:
+    def reset(self, cfg: RunConfig, run_dir: Optional[str]) -> None:
         """Run another graph (``fits``) on these warm actors: each rebuilds its nodes'
         models, optimisers and gates in the process group it has formed."""
         self.drop_checkpoint_dir()
         files = RunDir(run_dir).node_files if run_dir else None
         self.cfg = cfg
-        self.steps_per_epoch = ray.get([a.reset.remote(cfg, files, self._every(states)) for a in self.actors])[0]
+        self.steps_per_epoch = ray.get([a.reset.remote(cfg, files) for a in self.actors])[0]
 
     def load_states(self, states: list[dict[str, Any]]) -> None:
         """Continue from every node's state (a restored trial)."""

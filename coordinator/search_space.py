@@ -127,6 +127,8 @@ class SearchConfig:
                 or not 0 <= self.processes_per_trial <= self.num_nodes:
             raise ConfigError(f"search.processes_per_trial must be an integer from 0 (one per node) to search.num_nodes="
                               f"{self.num_nodes}; got {self.processes_per_trial!r}")
+        if not isinstance(self.warm, bool):
+            raise ConfigError(f"search.warm must be true or false; got {self.warm!r}")
         if self.grace_period > self.max_epochs:
             raise ConfigError(f"search.grace_period={self.grace_period} exceeds search.max_epochs={self.max_epochs}")
         self.extra = _flatten(self.extra or {})

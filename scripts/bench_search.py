@@ -27,15 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def run(warm: bool, trials: int, overrides: list[str], out: Path) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    import launch  # noqa: F401  (registers the run-dir resolver)
     from launch import search
+    from scripts.search_compare import compose
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "mode=search", "search=small", "logger=none", "search.verbose=0", f"search.num_samples={trials}",
-            f"search.warm={str(warm).lower()}", *overrides])
+    cfg = compose(["mode=search", "search=small", "logger=none", "search.verbose=0", f"search.num_samples={trials}",
+                   f"search.warm={str(warm).lower()}", *overrides])
     summary = search(cfg, str(out))
     wall = summary["wall_s"]  # Tuner.fit alone: not the first search's ray.init
     rows = list(csv.DictReader(open(out / "trials.csv")))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,16 +75,11 @@ def best_by(curve: list[dict], seconds: float) -> float:
 
 def retrain(graph: Path, out: Path, overrides: list[str]) -> float:
     """Target test accuracy of ``graph`` retrained with the CPU recipe (seed 0)."""
-    import yaml
+    from scripts.compare import nodes_of, torchrun
 
     if not (out / "summary.json").is_file():
-        nodes = len(yaml.safe_load(graph.read_text())["nodes"])
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nodes}",
-               str(ROOT / "launch.py"), f"graph={graph}", "seed=0", "logger=none", f"hydra.run.dir={out}",
-               *[o for o in overrides if o.startswith(("dataset", "optim", "train."))]]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.exit(f"retrain failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
+        torchrun(nodes_of(str(graph)), [f"graph={graph}", "seed=0", "logger=none", f"hydra.run.dir={out}",
+                                        *[o for o in overrides if o.startswith(("dataset", "optim", "train."))]])
     return json.loads((out / "summary.json").read_text())["target_test_acc"]
 
 

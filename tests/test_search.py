@@ -31,6 +31,7 @@ def space(**kw):
     (dict(frozen="sometimes"), r"search.frozen must be one of teachers, exclude"),
     (dict(grace_period=5, max_epochs=4), r"search.grace_period=5 exceeds search.max_epochs=4"),
     (dict(reduction_factor=1), r"search.reduction_factor must be >= 2"),
+    (dict(warm="maybe"), r"search.warm must be true or false; got 'maybe'"),
     (dict(processes_per_trial=4), r"search.processes_per_trial must be an integer from 0 \(one per node\) to search.num_nodes=3"),
 ])
 def test_bad_search_spaces_are_refused(kwargs, message):
