@@ -5,6 +5,7 @@
     torchrun --standalone --nproc_per_node=3 launch.py graph=ktg3 dataset=cifar100 optim=paper
     python launch.py graph=teacher graph.nodes.0.model=resnet110 hydra.run.dir=teachers/digits/resnet110
     python launch.py mode=search search=small                              # ASHA graph search (Ray Tune)
+    python launch.py mode=attention graph=mhgd                             # MHGD stage 1 (then train graph=mhgd)
     torchrun --standalone --nproc_per_node=3 launch.py graph=runs/search/<exp>/best_graph.yaml
 
 Every rank runs ``train(cfg)``; node t is rank t. NCCL with one GPU per rank when CUDA is
@@ -134,6 +135,13 @@ def search(cfg: DictConfig, out_dir: Optional[str] = None) -> dict[str, Any]:
     return run_search(space, container, out_dir, seed=container.get("seed", 0))
 
 
+def attention(cfg: DictConfig) -> dict[int, dict[str, Any]]:
+    """Stage 1 of MHGD: train the attention modules the graph's mhgd edges need."""
+    from coordinator.attention import run_attention
+
+    return run_attention(RunConfig.from_dict(OmegaConf.to_container(cfg, resolve=True)))
+
+
 def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Optional[dict[str, Any]]:
     """Validate the config and run this process's graph node. Returns the summary on rank 0."""
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -157,7 +165,7 @@ def main(cfg: DictConfig) -> None:
         mode = cfg.get("mode", MODES[0])
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        (search if mode == "search" else train)(cfg)
+        {"search": search, "attention": attention}.get(mode, train)(cfg)
     except ConfigError as e:
         exit_on_config_error(e)
 

@@ -102,3 +102,8 @@ def correct(loss, *, source_logits, labels, progress):
 
 def is_cutoff(name: str) -> bool:
     return GATES.get(name) is cutoff
+
+
+def is_correct(gate) -> bool:
+    """Is ``gate`` (a name or the function) the Correct gate?"""
+    return (GATES.get(gate) if isinstance(gate, str) else gate) is correct

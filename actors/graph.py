@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from actors.errors import ConfigError
 from actors.gates import GATES, PROGRESS_MODES, is_cutoff
+from actors.kinds import KINDS, MHGD_DEFAULTS, default_kinds, format_entry, parse_kind_weights, parse_kinds, parse_mhgd
 from actors.losses import EDGE_LOSSES
 from actors.models import MODELS
 
@@ -33,6 +34,12 @@ class NodeSpec:
     """Zoo name of the network (see ``actors.models.MODELS``)."""
     checkpoint: Optional[str] = None
     """Weights to start from; required for a frozen node (all incoming gates Cutoff)."""
+    self_checkpoint: Optional[str] = None
+    """The node's own stage-1 weights (the same model trained alone, e.g. ``graph=teacher``):
+    the frozen self-teacher of a ``self`` kind on its diagonal (CTSL-MKT)."""
+    attention: Optional[str] = None
+    """Of a frozen node that feeds ``mhgd`` edges: its trained attention module (written by
+    ``python launch.py mode=attention``; docs/edge-kinds.md)."""
 
 
 @dataclass
@@ -67,6 +74,22 @@ class GraphSpec:
     skip_zero_loss: bool = False
     """Skip a node's optimiser step (no weight decay, no momentum) when its whole loss is
     exactly 0, as both reference codes do; the learning-rate schedule still advances."""
+    self_temperature: Optional[float] = None
+    """Softmax temperature of ``self`` kinds (self-distillation; loss times T^2); null: ``temperature``."""
+    mhgd: Any = None
+    """Options of ``mhgd`` edges: ``{clip: true, attention_epochs: 40, attention_lr: 0.1}``
+    (clip: bound each parameter's mhgd gradient by its task gradient's norm, as MHGD;
+    attention_*: stage 1, ``mode=attention``); null or a key left out: those defaults."""
+    kinds: Any = None
+    """What each edge carries, an M x M matrix beside ``gates`` (``kinds[t][s]`` for s -> t):
+    ``kl``, ``rkd_distance``, ``rkd_angle``, ``mhgd`` on cross edges, ``ce``, ``self`` on the
+    diagonal; several kinds on one edge as a list or joined by ``+`` (``kl+rkd_angle``), each
+    through the edge's gate. One string stands for every cross edge. null: ``loss`` on every
+    cross edge and ``ce`` on the diagonal (docs/edge-kinds.md)."""
+    kind_weights: Any = None
+    """Weights of the kinds' losses, e.g. ``{rkd_distance: 25, rkd_angle: 50}``; null or a
+    kind left out: the kind's default (rkd_distance 1, rkd_angle 2, every other kind 1;
+    docs/edge-kinds.md)."""
 
     def __post_init__(self) -> None:
         # shorthands for large graphs: nodes {model: m, count: M} (M nodes of model m), and one
@@ -93,10 +116,11 @@ class GraphSpec:
                 n = {"model": n}
             if not isinstance(n, dict) or "model" not in n:
                 raise ConfigError(f"graph.nodes[{i}] must be a mapping with a 'model' key, got {n!r}")
-            unknown = set(n) - {"model", "checkpoint"}
+            keys = ("model", "checkpoint", "self_checkpoint", "attention")
+            unknown = set(n) - set(keys)
             if unknown:
-                raise ConfigError(f"graph.nodes[{i}] has unknown keys {sorted(unknown)}; allowed: model, checkpoint")
-            nodes.append(NodeSpec(model=n["model"], checkpoint=n.get("checkpoint")))
+                raise ConfigError(f"graph.nodes[{i}] has unknown keys {sorted(unknown)}; allowed: {', '.join(keys)}")
+            nodes.append(NodeSpec(**{k: n.get(k) for k in keys}))
         self.nodes = nodes
         m = len(nodes)
         for i, n in enumerate(nodes):
@@ -133,6 +157,18 @@ class GraphSpec:
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ConfigError(f"graph.temperature must be a number > 0; got {self.temperature!r}")
         self.temperature = float(self.temperature)
+        if self.self_temperature is not None:
+            if isinstance(self.self_temperature, bool) or not isinstance(self.self_temperature, (int, float)) \
+                    or not self.self_temperature > 0:
+                raise ConfigError(f"graph.self_temperature must be a number > 0 or null; got {self.self_temperature!r}")
+            self.self_temperature = float(self.self_temperature)
+        self.mhgd = parse_mhgd(self.mhgd)
+        kinds = parse_kinds(self.kinds, m, self.loss)
+        # stored as null when every edge carries what it carried before edges had kinds, so
+        # existing graphs (and their run directories' configs) read exactly as before
+        self.kinds = None if kinds == default_kinds(m, self.loss) else [[list(e) for e in row] for row in kinds]
+        self.kind_weights = parse_kind_weights(self.kind_weights) or None
+        self._check_kinds()
         if self.is_frozen(0):
             raise ConfigError(
                 "graph.gates[0]: the target node 0 has every incoming edge Cutoff (it would be a frozen "
@@ -144,6 +180,58 @@ class GraphSpec:
                     f"graph.nodes[{i}] ({n.model}) is frozen (every gate in graph.gates[{i}] is Cutoff) "
                     f"and so needs graph.nodes[{i}].checkpoint: a pretrained model (see README, 'Teachers')"
                 )
+
+    def _check_kinds(self) -> None:
+        for t in range(self.num_nodes):
+            for s in range(self.num_nodes):
+                if s != t and "mhgd" in self.edge_kinds(t, s) and not self.is_frozen(s):
+                    raise ConfigError(
+                        f"graph.kinds[{t}][{s}] (edge {s} -> {t}): mhgd transfers the attention graph of a frozen "
+                        f"teacher, and node {s} is not frozen (graph.gates[{s}] is not all Cutoff); allowed from a "
+                        "learning node: kl, rkd_distance, rkd_angle"
+                    )
+        for t, n in enumerate(self.nodes):
+            has_self = "self" in self.edge_kinds(t, t)
+            if has_self and not n.self_checkpoint:
+                raise ConfigError(
+                    f"graph.kinds[{t}][{t}] has self (self-distillation), which needs graph.nodes[{t}].self_checkpoint: "
+                    f"node {t}'s own stage-1 weights ({n.model} trained alone, e.g. graph=teacher "
+                    f"graph.nodes.0.model={n.model}; README, 'Edge kinds')"
+                )
+            if n.self_checkpoint and not has_self:
+                raise ConfigError(f"graph.nodes[{t}].self_checkpoint is set but graph.kinds[{t}][{t}] has no self: "
+                                  "add self to the diagonal, or drop the checkpoint")
+            declared = [r for r in range(self.num_nodes) if r != t and "mhgd" in self.edge_kinds(r, t)]
+            feeds = [r for r in declared if t in dict(self.incoming(r))]  # live edges (gate not Cutoff)
+            if feeds and not n.attention:
+                raise ConfigError(
+                    f"graph.nodes[{t}] feeds mhgd edges (to node(s) {feeds}) and so needs graph.nodes[{t}].attention: "
+                    f"its attention module, trained first by `python launch.py mode=attention graph=<this graph>` "
+                    "(README, 'Edge kinds')"
+                )
+            if n.attention and not declared:
+                raise ConfigError(f"graph.nodes[{t}].attention is set but no mhgd edge leaves node {t}")
+    def edge_kinds(self, t: int, s: int) -> tuple[str, ...]:
+        """The kinds of the edge s -> t (``ce`` ... on the diagonal)."""
+        if self.kinds is None:
+            return ("ce",) if s == t else (self.loss,)
+        return tuple(self.kinds[t][s])
+
+    def mhgd_option(self, key: str) -> Any:
+        return {**MHGD_DEFAULTS, **(self.mhgd or {})}[key]
+
+    def kind_weight(self, kind: str) -> float:
+        return (self.kind_weights or {}).get(kind, KINDS[kind].weight)
+
+    def senders(self, need: str) -> list[int]:
+        """The nodes whose ``need`` (``embedding``, ``features``) some live edge into another node uses."""
+        return sorted({s for t in range(self.num_nodes) for s, _ in self.incoming(t)
+                       if s != t and any(KINDS[k].needs == need for k in self.edge_kinds(t, s))})
+
+    def receivers(self, need: str) -> list[int]:
+        """The nodes with a live incoming edge that uses ``need``."""
+        return sorted({t for t in range(self.num_nodes) for s, _ in self.incoming(t)
+                       if s != t and any(KINDS[k].needs == need for k in self.edge_kinds(t, s))})
 
     @property
     def num_nodes(self) -> int:
@@ -164,7 +252,8 @@ class GraphSpec:
     def from_dict(cls, data: dict[str, Any]) -> "GraphSpec":
         if not isinstance(data, dict):
             raise ConfigError(f"graph must be a mapping, got {type(data).__name__}")
-        allowed = {"name", "nodes", "gates", "temperature", "loss", "reduction", "frozen_bn", "progress", "skip_zero_loss"}
+        allowed = {"name", "nodes", "gates", "temperature", "loss", "reduction", "frozen_bn", "progress", "skip_zero_loss",
+                   "kinds", "kind_weights", "self_temperature", "mhgd"}
         unknown = set(data) - allowed
         if unknown:
             raise ConfigError(f"graph has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -176,8 +265,10 @@ class GraphSpec:
     def resolve_paths(self, base: str | os.PathLike) -> None:
         """Make checkpoint paths absolute (relative ones are relative to ``base``)."""
         for n in self.nodes:
-            if n.checkpoint and not os.path.isabs(n.checkpoint):
-                n.checkpoint = str(Path(base) / n.checkpoint)
+            for key in ("checkpoint", "self_checkpoint", "attention"):
+                path = getattr(n, key)
+                if path and not os.path.isabs(path):
+                    setattr(n, key, str(Path(base) / path))
 
     def describe(self) -> str:
         """A readable one-screen picture of the graph."""
@@ -189,7 +280,7 @@ class GraphSpec:
         if self.skip_zero_loss:
             head += ", skip_zero_loss"
         lines = [head]
-        if self.num_nodes > 8 and all(len({g for g in row}) == 1 for row in self.gates) \
+        if self.num_nodes > 8 and self.kinds is None and all(len({g for g in row}) == 1 for row in self.gates) \
                 and len({row[0] for row in self.gates}) == 1:
             models = {}
             for n in self.nodes:
@@ -198,6 +289,11 @@ class GraphSpec:
             return "\n".join(lines)
         for t, n in enumerate(self.nodes):
             role = "target" if t == 0 else ("frozen" if self.is_frozen(t) else "")
-            inc = ", ".join(f"{'label' if s == t else s}:{g}" for s, g in self.incoming(t)) or "nothing"
+            inc = ", ".join(f"{'label' if s == t else s}:{g}{self._kind_note(t, s)}" for s, g in self.incoming(t)) or "nothing"
             lines.append(f"  node {t} {n.model:<9} {role:<6} learns from {inc}")
         return "\n".join(lines)
+
+    def _kind_note(self, t: int, s: int) -> str:
+        kinds = self.edge_kinds(t, s)
+        default = ("ce",) if s == t else (self.loss,)
+        return "" if kinds == default else f"[{format_entry(kinds)}]"

@@ -13,7 +13,7 @@ receiving node t learns from the edge).
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,3 +40,84 @@ def kl_loss(target_logits: torch.Tensor, source_logits: torch.Tensor, *, tempera
     log_p_s = F.log_softmax(source_logits.detach().float() / t, dim=1)
     log_p_t = F.log_softmax(target_logits.float() / t, dim=1)
     return F.kl_div(log_p_t, log_p_s, reduction="none", log_target=True).sum(dim=1) * (t * t)
+
+
+# --- relation losses (pairwise: one number per batch) ----------------------------------------
+#
+# Park et al., "Relational Knowledge Distillation", CVPR 2019. With e_i the penultimate
+# embeddings of the batch (the source's t_i detached, the receiver's s_i):
+#
+#   distance  psi_D(e_i, e_j) = ||e_i - e_j||_2 / mu,   mu = mean_{i != j} ||e_i - e_j||_2
+#             L_D = mean_{i, j} huber(psi_D(s_i, s_j) - psi_D(t_i, t_j))            (B^2 terms)
+#   angle     psi_A(e_i, e_j, e_k) = <n(e_j - e_i), n(e_k - e_i)>,   n(v) = v / ||v||
+#             L_A = mean_{i, j, k} huber(psi_A(s_i, s_j, s_k) - psi_A(t_i, t_j, t_k))  (B^3 terms)
+#
+# huber = smooth L1 with delta 1. The means run over all B^2 (B^3) entries, degenerate ones
+# (i == j; a zero vector normalises to 0) included, as the RKD authors' code does. ``keep``
+# (a [B] 0/1 float mask, the Correct gate) restricts everything to the kept samples: the mean
+# distance, and the mean over the n^2 (n^3) entries of the n kept samples; with fewer than
+# two kept samples the loss is 0. Written with masks, not indexing, so no step waits for the
+# device to count the kept samples.
+
+_EPS = 1e-12
+
+
+def pairwise_distances(e: torch.Tensor) -> torch.Tensor:
+    """``[B, B]`` Euclidean distances, 0 on the diagonal (RKD's ``pdist``)."""
+    sq = e.pow(2).sum(dim=1)
+    d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * (e @ e.t())).clamp(min=_EPS).sqrt()
+    return d * (1 - torch.eye(e.shape[0], dtype=e.dtype, device=e.device))
+
+
+def _pair_mask(keep: Optional[torch.Tensor], b: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if keep is None:
+        keep = like.new_ones(b)
+    return keep, keep.unsqueeze(1) * keep.unsqueeze(0)
+
+
+def _normalised_distances(e: torch.Tensor, pairs_off: torch.Tensor) -> torch.Tensor:
+    d = pairwise_distances(e)
+    mu = (d * pairs_off).sum() / pairs_off.sum().clamp(min=1)
+    return d / mu.clamp(min=_EPS)
+
+
+def rkd_distance_loss(target_emb: torch.Tensor, source_emb: torch.Tensor,
+                      keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RKD distance-wise loss of the receiver's embeddings ``[B, D_t]`` against the
+    source's ``[B, D_s]`` (detached); D_t and D_s may differ."""
+    s, t = target_emb.float(), source_emb.detach().float()
+    b = s.shape[0]
+    keep, pairs = _pair_mask(keep, b, s)
+    off = pairs * (1 - torch.eye(b, dtype=s.dtype, device=s.device))
+    with torch.no_grad():
+        rt = _normalised_distances(t, off)
+    rs = _normalised_distances(s, off)
+    if keep is None:  # every sample: the plain mean over the B^2 entries
+        return F.smooth_l1_loss(rs, rt)
+    h = F.smooth_l1_loss(rs, rt, reduction="none")
+    return (h * pairs).sum() / pairs.sum().clamp(min=1)
+
+
+def _angles(e: torch.Tensor) -> torch.Tensor:
+    diff = e.unsqueeze(0) - e.unsqueeze(1)                    # [i, j] = e_j - e_i
+    n = F.normalize(diff, p=2, dim=2)
+    return torch.bmm(n, n.transpose(1, 2))                    # [i, j, k] = <n(e_j - e_i), n(e_k - e_i)>
+
+
+def rkd_angle_loss(target_emb: torch.Tensor, source_emb: torch.Tensor,
+                   keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RKD angle-wise loss (``[B, B, B]`` angles, built here on the receiver)."""
+    s, t = target_emb.float(), source_emb.detach().float()
+    with torch.no_grad():
+        at = _angles(t)
+    if keep is None:  # every sample: the plain mean over the B^3 entries, no mask to build
+        return F.smooth_l1_loss(_angles(s), at)
+    keep, pairs = _pair_mask(keep, s.shape[0], s)
+    triples = pairs.unsqueeze(2) * keep.view(1, 1, -1)
+    h = F.smooth_l1_loss(_angles(s), at, reduction="none")
+    n = keep.sum()
+    return (h * triples).sum() / (n * n * n).clamp(min=1) * (n >= 2).to(h.dtype)
+
+
+#: the pairwise kinds' losses: (receiver's embedding, source's embedding, keep mask) -> scalar
+PAIRWISE_LOSSES = {"rkd_distance": rkd_distance_loss, "rkd_angle": rkd_angle_loss}

@@ -2,8 +2,8 @@
 
 Every model maps ``[B, in_channels, H, W]`` to logits ``[B, num_classes]`` and ends in
 adaptive average pooling, so the same network runs on 8x8 digits, 32x32 CIFAR and 64x64
-Tiny-ImageNet. ``embed(x)`` returns the pooled feature vector (``[B, D]``) that relation
-edges will exchange later; ``forward(x) = head(embed(x))``.
+Tiny-ImageNet. ``embed(x)`` returns the pooled feature vector (``[B, D]``, the penultimate layer)
+that relation edges exchange; ``forward(x) = head(embed(x))``.
 """
 from __future__ import annotations
 
@@ -38,8 +38,37 @@ class Classifier(nn.Module):
 
     embed_dim: int
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
+    def forward(self, x: torch.Tensor, embedding: bool = False, stages: bool = False):
+        """Logits ``[B, C]``; with ``embedding``, ``(logits, embedding [B, D])``; with
+        ``stages`` also the feature map at the end of each stage (a list, ``[B, C_i, H_i, W_i]``):
+        ``(logits, embedding, maps)``. Always the same logits."""
+        if not stages:
+            e = self.embed(x)
+            return (self.head(e), e) if embedding else self.head(e)
+        maps = self.stage_maps(x)
+        e = self.pool(maps[-1])
+        return self.head(e), e, maps
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stage_maps(x)[-1])
+    def pool(self, last: torch.Tensor) -> torch.Tensor:
+        """The embedding from the last stage's map: global average pooling."""
+        return F.adaptive_avg_pool2d(last, 1).flatten(1)
+
+    def stage_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of each stage (the last block of each resolution), in order. The
+        blocks stay one flat ``nn.Sequential`` (``self.blocks``), so state dicts and every
+        checkpoint written before stages were tapped keep their keys."""
+        out, maps = self.stem(x), []
+        for i, block in enumerate(self.blocks if hasattr(self, "blocks") else self.features):
+            out = block(out)
+            if i in self._stage_ends:
+                maps.append(out)
+        return maps
+
+    @property
+    def stage_widths(self) -> list[int]:
+        return list(self._widths)
 
 
 # --- ResNet-d for CIFAR (He et al. 2016, option A shortcut) -------------------------------
@@ -85,12 +114,11 @@ class CifarResNet(Classifier):
                 layers.append(_BasicBlock(c, width, 2 if (i > 0 and j == 0) else 1))
                 c = width
         self.blocks = nn.Sequential(*layers)
+        self._stage_ends = (n - 1, 2 * n - 1, 3 * n - 1)
+        self._widths = (16, 32, 64)
         self.embed_dim = 64
         self.head = nn.Linear(64, num_classes)
         _init_weights(self)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)
 
 
 @MODELS.register("resnet20")
@@ -144,14 +172,15 @@ class WideResNet(Classifier):
                 layers.append(_WideBlock(c, w, 2 if (i > 0 and j == 0) else 1))
                 c = w
         self.blocks = nn.Sequential(*layers)
+        self._stage_ends = (n - 1, 2 * n - 1, 3 * n - 1)
+        self._widths = widths
         self.bn = nn.BatchNorm2d(c)
         self.embed_dim = c
         self.head = nn.Linear(c, num_classes)
         _init_weights(self)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        o = F.relu(self.bn(self.blocks(self.stem(x))))
-        return F.adaptive_avg_pool2d(o, 1).flatten(1)
+    def pool(self, last: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(F.relu(self.bn(last)), 1).flatten(1)
 
 
 @MODELS.register("wrn28_2", "wideresnet28_2")
@@ -173,14 +202,26 @@ class ConvNet(Classifier):
             return nn.Sequential(nn.Conv2d(ci, co, 3, s, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU())
 
         self.features = nn.Sequential(cbr(in_channels, 32, 1), cbr(32, 64, 2), cbr(64, 128, 2))
+        self.stem = nn.Identity()
+        self._stage_ends = (0, 1, 2)
+        self._widths = (32, 64, 128)
         self.embed_dim = 128
         self.head = nn.Linear(128, num_classes)
         _init_weights(self)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
 
 
 @MODELS.register("convnet")
 def convnet(num_classes: int, in_channels: int = 3) -> nn.Module:
     return ConvNet(num_classes, in_channels)
+
+
+def embed_dim(name: str, num_classes: int, in_channels: int = 3) -> int:
+    """D of the model's ``embed`` (built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        return build_model(name, num_classes, in_channels).embed_dim
+
+
+def stage_widths(name: str, num_classes: int, in_channels: int = 3) -> list[int]:
+    """The channels at the end of each of the model's stages (meta device, as ``embed_dim``)."""
+    with torch.device("meta"):
+        return build_model(name, num_classes, in_channels).stage_widths

@@ -14,9 +14,10 @@ import torch
 
 from actors.config import OptimConfig
 from actors.files import load_model_weights
-from actors.gates import GATES, gate_progress
+from actors.gates import GATES, gate_progress, is_correct
 from actors.graph import GraphSpec
-from actors.losses import EDGE_LOSSES, label_loss
+from actors.losses import EDGE_LOSSES, PAIRWISE_LOSSES, kl_loss, label_loss
+from actors.mhgd import aligned_vectors, clip_ramp, graph_loss, load_attention, source_vectors, split_vectors
 from actors.models import build_model
 
 
@@ -63,6 +64,11 @@ class GraphNode:
         L_t = G_tt(CE(y, z_t)) + sum_{s != t} G_st(T^2 KL(p_s || p_t))     (reduction=sum, DCL)
         L_t = G_tt(CE(y, z_t)) + mean_{s != t} G_st(...)                    (reduction=mean)
 
+    for the default edge kinds; with ``graph.kinds`` each edge sums ``w_k G_st(loss_k)`` over
+    its kinds (``ce``/``self`` on the diagonal; ``kl``, ``rkd_distance``, ``rkd_angle``,
+    ``mhgd`` across; docs/edge-kinds.md), and an ``mhgd`` term's gradient is clipped apart
+    (``_clipped_backward``).
+
     A frozen node (every incoming gate Cutoff) runs under no_grad and is never stepped.
     With ``graph.frozen_bn=eval`` (default) it runs in eval mode, so its BatchNorm
     statistics stay those of its checkpoint; with ``train`` it runs in train mode, as both
@@ -101,7 +107,33 @@ class GraphNode:
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.device_type = torch.device(device).type
         self.edges = [(s, GATES.get(g), g) for s, g in graph.incoming(index)]
+        self.edge_kinds = [graph.edge_kinds(index, s) for s, _ in graph.incoming(index)]
+        self.kind_weights = {k: graph.kind_weight(k) for ks in self.edge_kinds for k in ks}
+        # the penultimate embedding: computed when an edge of this node's or out of it needs it
+        self.needs_embedding = index in graph.senders("embedding") or index in graph.receivers("embedding")
+        # mhgd: a frozen source sends its compressed stage features; a receiver reads its own
+        # stage maps (with gradient) and holds each source's trained attention module, frozen
+        self.sends_features = index in graph.senders("features")
+        self.attention = {}
+        if not graph.is_frozen(index):
+            self.attention = {s: load_attention(graph.nodes[s].attention, device)[0]
+                              for (s, _, _), k in zip(self.edges, self.edge_kinds) if "mhgd" in k}
+        self.needs_stages = self.sends_features or bool(self.attention)
+        self.mhgd_clip = bool(self.attention) and graph.mhgd_option("clip")
+        self._transfer: Optional[torch.Tensor] = None  # this step's mhgd loss (clipped apart)
         self.edge_loss = EDGE_LOSSES.get(graph.loss)
+        # self-distillation (a live ``self`` kind on the diagonal): a frozen copy of this very
+        # model as trained alone in stage 1, always with its stored BatchNorm statistics
+        self.self_teacher = None
+        self.self_temperature = graph.self_temperature or graph.temperature
+        if any(s == index and "self" in k for (s, _, _), k in zip(self.edges, self.edge_kinds)):
+            with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: draw nothing
+                self.self_teacher = build_model(self.model_name, num_classes, in_channels)
+            state, _ = load_model_weights(graph.nodes[index].self_checkpoint)
+            self.self_teacher.load_state_dict(state)
+            self.self_teacher.to(device).eval().requires_grad_(False)
+            if channels_last:
+                self.self_teacher.to(memory_format=torch.channels_last)
         self.temperature = graph.temperature
         self.reduction = graph.reduction
         self.optimizer = self.scheduler = None
@@ -128,6 +160,13 @@ class GraphNode:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits in float32 (the forward itself runs under bf16 autocast when asked)."""
+        return self.outputs(x)["logits"]
+
+    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The step's forward: ``logits`` (float32); ``embedding`` ([B, D], float32) when an
+        edge of the graph needs this node's; ``maps`` (its stage feature maps) and, from a
+        frozen mhgd source, ``features`` (their SVD vectors) for mhgd edges; ``self_logits``
+        (its stage-1 copy's) for a ``self`` kind."""
         if self.frozen:
             # eval: stored statistics; train: batch statistics, running ones updated (evaluation
             # switches the model to eval and back, so set the mode on every step)
@@ -137,33 +176,88 @@ class GraphNode:
         self.model.train()
         return self._run(x)
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        if self.autocast_dtype is None:
-            return self.run_model(x)
-        with torch.autocast(self.device_type, dtype=self.autocast_dtype):
-            out = self.run_model(x)
-        return out.float()
+    def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            if self.needs_stages:
+                out = self.run_model(x, embedding=True, stages=True)
+            elif self.needs_embedding:
+                out = self.run_model(x, embedding=True)
+            else:
+                out = self.run_model(x)
+        if self.needs_stages:
+            res = {"logits": out[0].float(), "embedding": out[1].float(), "maps": out[2]}
+            if self.sends_features:
+                res["features"] = source_vectors(out[2])
+        elif self.needs_embedding:
+            res = {"logits": out[0].float(), "embedding": out[1].float()}
+        else:
+            res = {"logits": out.float()}
+        if self.self_teacher is not None:
+            with torch.no_grad(), torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
+                                                 enabled=self.autocast_dtype is not None):
+                res["self_logits"] = self.self_teacher(x).float()
+        return res
 
-    def loss(self, logits: torch.Tensor, all_logits: torch.Tensor, labels: torch.Tensor,
-             progress: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``all_logits``: [M, B, C] (every node's detached logits of this step). Returns the
-        node's total loss and the gated loss of each incoming edge (detached, [len(edges)])."""
+    def loss(self, logits: torch.Tensor, all_logits: torch.Tensor, labels: torch.Tensor, progress: float,
+             own: Optional[dict[str, torch.Tensor]] = None,
+             received: Optional[dict[str, list[Optional[torch.Tensor]]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``all_logits``: [M, B, C] (every node's detached logits of this step); ``own``: this
+        node's ``outputs`` (its embedding and stage maps, with gradient); ``received``: per
+        need (``embedding``, ``features``) every node's detached tensor (None where a node
+        sends none). Returns
+        the node's total loss and the gated loss of each incoming edge (detached,
+        [len(edges)]; an edge of several kinds: their sum)."""
         terms, label_term, cross = [], None, []
-        for s, gate, _ in self.edges:
+        self._transfer = None
+        for (s, gate, _), kinds in zip(self.edges, self.edge_kinds):
+            src = None if s == self.index else all_logits[s]
+            g = None
+            for kind in kinds:
+                value = self._kind_loss(kind, s, gate, logits, src, labels, progress, own, received)
+                g = value if g is None else g + value
             if s == self.index:
-                g = gate(label_loss(logits, labels), source_logits=None, labels=labels, progress=progress)
                 label_term = g
             else:
-                src = all_logits[s]
-                per_sample = self.edge_loss(logits, src, temperature=self.temperature)
-                g = gate(per_sample, source_logits=src, labels=labels, progress=progress)
                 cross.append(g)
             terms.append(g)
         total = label_term if label_term is not None else logits.new_zeros(())
         if cross:
             c = torch.stack(cross).sum()
             total = total + (c / len(cross) if self.reduction == "mean" else c)
+            if self._transfer is not None and self.reduction == "mean":
+                self._transfer = self._transfer / len(cross)  # the share of the loss the clip treats apart
         return total, torch.stack([t.detach() for t in terms]) if terms else logits.new_zeros(0)
+
+    def _kind_loss(self, kind: str, s: int, gate, logits: torch.Tensor, src: Optional[torch.Tensor],
+                   labels: torch.Tensor, progress: float, own, received) -> torch.Tensor:
+        """One kind's gated, weighted loss on the edge s -> this node (docs/edge-kinds.md)."""
+        w = self.kind_weights[kind]
+        if kind == "ce":
+            g = gate(label_loss(logits, labels), source_logits=None, labels=labels, progress=progress)
+            return g if w == 1.0 else g * w
+        if kind == "kl":
+            per_sample = self.edge_loss(logits, src, temperature=self.temperature)
+            g = gate(per_sample, source_logits=src, labels=labels, progress=progress)
+            return g if w == 1.0 else g * w
+        if kind == "self":
+            per_sample = kl_loss(logits, own["self_logits"], temperature=self.self_temperature)
+            return gate(per_sample, source_logits=None, labels=labels, progress=progress) * w
+        if kind == "mhgd":
+            module = self.attention[s]
+            source = split_vectors(received["features"][s], module.widths)
+            keep = (src.argmax(dim=1) == labels).to(logits.dtype) if is_correct(gate) else None
+            value = graph_loss(module, aligned_vectors(own["maps"], source), source, keep)
+            g = gate(value.reshape(1), source_logits=None, labels=labels, progress=progress) * w
+            self._transfer = g if self._transfer is None else self._transfer + g
+            return g
+        if kind in PAIRWISE_LOSSES:
+            # a pairwise loss is one number per batch: Correct keeps the samples the source got
+            # right when the relations are built; a time gate scales the number
+            keep = (src.argmax(dim=1) == labels).to(logits.dtype) if is_correct(gate) else None
+            value = PAIRWISE_LOSSES[kind](own["embedding"], received["embedding"][s], keep)
+            return gate(value.reshape(1), source_logits=None, labels=labels, progress=progress) * w
+        raise ValueError(f"edge kind {kind!r} is not implemented by GraphNode")
 
     def gate_weights(self, all_logits: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
         """The mean weight each incoming edge's gate put on this step's samples
@@ -192,7 +286,10 @@ class GraphNode:
             self.skip_update()
             return False
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.mhgd_clip and self._transfer is not None:
+            self._clipped_backward(loss, self._transfer)
+        else:
+            loss.backward()
         if mark is not None:
             mark("backward")
         self.optimizer.step()
@@ -200,6 +297,23 @@ class GraphNode:
         if mark is not None:
             mark("optimizer")
         return True
+
+    def _clipped_backward(self, loss: torch.Tensor, transfer: torch.Tensor) -> None:
+        """MHGD's update: per parameter tensor, the task gradient (every other edge) plus the
+        mhgd gradient clipped to norm ``||task gradient|| * clip_ramp(epoch)`` (TensorFlow's
+        ``clip_by_norm``); weight decay is added by the optimiser, as the original adds it."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        task = torch.autograd.grad(loss - transfer, params, retain_graph=True, allow_unused=True)
+        dist = torch.autograd.grad(transfer, params, allow_unused=True)
+        ramp = clip_ramp(self.scheduler.last_epoch // self.steps_per_epoch)
+        for p, gt, gd in zip(params, task, dist):
+            gt = torch.zeros_like(p) if gt is None else gt
+            if gd is not None:
+                bound = gt.norm() * ramp
+                norm = gd.norm()
+                gd = torch.where(norm > bound, gd * (bound / norm.clamp(min=1e-30)), gd)
+                gt = gt + gd
+            p.grad = gt
 
     def skip_update(self) -> None:
         """A skipped step (non-finite loss, or a zero loss under ``graph.skip_zero_loss``):

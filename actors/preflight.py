@@ -11,7 +11,8 @@ from actors.config import RunConfig
 from actors.data import Dataset, DatasetError, load_dataset
 from actors.errors import ConfigError
 from actors.files import load_model_weights
-from actors.models import build_model
+from actors.mhgd import load_attention
+from actors.models import MODELS, build_model, stage_widths
 from actors.placement import check_placement, resolve_placement
 
 
@@ -66,34 +67,70 @@ def load_data(cfg: RunConfig) -> Dataset:
     return data
 
 
-def check_checkpoints(cfg: RunConfig, data: Dataset) -> None:
-    """Every node checkpoint exists, and matches its node's architecture and class count."""
+def check_checkpoints(cfg: RunConfig, data: Dataset, attention: bool = True) -> None:
+    """Every node checkpoint (and self-teacher) exists, and matches its node's architecture
+    and class count; with ``attention``, so does every mhgd attention module."""
     for i, n in enumerate(cfg.graph.nodes):
-        if not n.checkpoint:
-            continue
-        where = f"graph.nodes[{i}].checkpoint={n.checkpoint}"
-        if not os.path.isfile(n.checkpoint):
-            raise ConfigError(
-                f"{where}: file not found. Pretrain it first (README, 'Teachers'), e.g. "
-                f"`torchrun --standalone --nproc_per_node=1 launch.py graph=teacher graph.nodes.0.model={n.model} "
-                f"dataset={data.name} hydra.run.dir=<dir>` and point at <dir>/node0.pt"
-            )
-        try:
-            state, meta = load_model_weights(n.checkpoint)
-        except Exception as e:
-            raise ConfigError(f"{where}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-        if meta.get("model") and meta["model"] != n.model:
-            raise ConfigError(f"{where} holds a {meta['model']} but node {i} is a {n.model}")
-        if meta.get("num_classes") not in (None, data.info.num_classes):
-            raise ConfigError(
-                f"{where} was trained for {meta['num_classes']} classes but dataset {data.name} has {data.info.num_classes}"
-            )
-        model = build_model(n.model, data.info.num_classes, data.info.in_channels)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise ConfigError(f"{where} does not fit a {n.model} for {data.name}: {' '.join(first[:3])[:400]}") from e
+        for key in ("checkpoint", "self_checkpoint"):
+            if getattr(n, key):
+                _check_checkpoint(i, n.model, key, getattr(n, key), data)
+        if n.attention and attention and i in cfg.graph.senders("features"):  # a live mhgd edge leaves it
+            check_attention(cfg.graph, i, data)
+
+
+def _check_checkpoint(i: int, model: str, key: str, path: str, data: Dataset) -> None:
+    """``graph.nodes[i].<key>`` exists, and holds a ``model`` for the dataset's classes."""
+    where = f"graph.nodes[{i}].{key}={path}"
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"{where}: file not found. Pretrain it first (README, 'Teachers'), e.g. "
+            f"`torchrun --standalone --nproc_per_node=1 launch.py graph=teacher graph.nodes.0.model={model} "
+            f"dataset={data.name} hydra.run.dir=<dir>` and point at <dir>/node0.pt"
+        )
+    try:
+        state, meta = load_model_weights(path)
+    except Exception as e:
+        raise ConfigError(f"{where}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if meta.get("model") and meta["model"] != model:
+        raise ConfigError(f"{where} holds a {meta['model']} but node {i} is a {model}")
+    if meta.get("num_classes") not in (None, data.info.num_classes):
+        raise ConfigError(
+            f"{where} was trained for {meta['num_classes']} classes but dataset {data.name} has {data.info.num_classes}"
+        )
+    net = build_model(model, data.info.num_classes, data.info.in_channels)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"{where} does not fit a {model} for {data.name}: {' '.join(first[:3])[:400]}") from e
+
+
+def check_attention(graph, i: int, data: Dataset) -> None:
+    """``graph.nodes[i].attention``: a readable attention module of node i's network, and
+    every node that learns from it through mhgd has the same stage widths."""
+    n = graph.nodes[i]
+    where = f"graph.nodes[{i}].attention={n.attention}"
+    widths = stage_widths(n.model, data.info.num_classes, data.info.in_channels)
+    if not os.path.isfile(n.attention):
+        raise ConfigError(f"{where}: file not found. Train it first (stage 1 of MHGD): "
+                          f"`python launch.py mode=attention graph=<this graph> dataset={data.name}`")
+    try:
+        _, meta = load_attention(n.attention)
+    except Exception as e:
+        raise ConfigError(f"{where}: not a readable attention module ({type(e).__name__}: {e})") from e
+    if list(meta.get("widths", [])) != widths or meta.get("model") not in (None, n.model):
+        raise ConfigError(f"{where} was trained on a {meta.get('model')} (stage widths {meta.get('widths')}), "
+                          f"not on node {i}'s {n.model} (stage widths {widths}); train it again with mode=attention")
+    for t in range(graph.num_nodes):
+        if t != i and "mhgd" in graph.edge_kinds(t, i):
+            got = stage_widths(graph.nodes[t].model, data.info.num_classes, data.info.in_channels)
+            if got != widths:
+                raise ConfigError(
+                    f"graph.kinds[{t}][{i}] (edge {i} -> {t}): mhgd compares the two networks' stage features, so they "
+                    f"need the same stage widths; node {i} ({n.model}) has {widths}, node {t} "
+                    f"({graph.nodes[t].model}) has {got}. Models with {widths}: "
+                    + ", ".join(m for m in MODELS.names() if stage_widths(m, data.info.num_classes, data.info.in_channels) == widths)
+                )
 
 
 def preflight(cfg: RunConfig, world_size: int) -> Dataset:

@@ -5,9 +5,10 @@ it is handed its rank's ``DistEnv`` and ``Exchange`` and the already-validated c
 One training step of node t (of M), each part named as in the design:
 
 1. batch     rows k of the coordinator's epoch plan -> identical augmented batch on every node
-2. forward   logits_t
-3. exchange  one all-gather of {logits, batch fingerprint} -> every node's logits [M, B, C]
-4. loss      sum over incoming edges s->t of gate(loss_edge(p_s, logits_t, y), progress)
+2. forward   logits_t (and the embedding / stage features that the graph's edge kinds need)
+3. exchange  one all-gather of {logits, [embeddings], [features], batch fingerprint} ->
+             every node's logits [M, B, C] (and the embeddings / features edges need)
+4. loss      sum over incoming edges s->t and their kinds of gate(loss_kind(...), progress)
 5. update    backward + optimiser step, locally (no gradient crosses processes)
 
 ``NodeWorker._step`` is that step; ``EpochTotals`` its running sums on the device.
@@ -27,6 +28,7 @@ from actors.errors import BatchMismatchError, NonFiniteLossError
 from actors.exchange import DistEnv, Exchange
 from actors.files import NodeStateFiles
 from actors.metrics import NodeEpochMetrics
+from actors.models import embed_dim, stage_widths
 from actors.node import GraphNode
 from actors.progress import EpochProgress
 from actors.timing import NO_TIMER
@@ -199,6 +201,18 @@ class NodeWorker:
         self.width = max(len(p) for p in self.placement)
         rows = {t: p * self.width + j for p, nodes in enumerate(self.placement) for j, t in enumerate(nodes)}
         self.node_rows = torch.tensor([rows[t] for t in range(m)], device=self.device)
+        # what crosses besides the logits, only when a live edge needs it: the embeddings
+        # ([B, D_s]) of the nodes that feed a relation edge, the SVD-compressed stage features
+        # ([B, sum_i C_i]) of the frozen nodes that feed an mhgd edge; each padded to the widest
+        # sender's, as one all-gather takes a block of one size from every process
+        info = data.info
+        models = [n.model for n in cfg.graph.nodes]
+        self.extra_dims = {
+            "embedding": {s: embed_dim(models[s], info.num_classes, info.in_channels) for s in cfg.graph.senders("embedding")},
+            "features": {s: sum(stage_widths(models[s], info.num_classes, info.in_channels))
+                         for s in cfg.graph.senders("features")},
+        }
+        self.extra_dims = {k: v for k, v in self.extra_dims.items() if v}
         # progress lines on rank 0: every train.log_every steps; by default ~5 per epoch on long epochs
         self.log_every = cfg.train.log_every or (self.steps_per_epoch // 5 if self.steps_per_epoch >= 200 else 0)
         self.step = 0  # global optimiser steps taken so far (k - 1 for the next step k)
@@ -284,14 +298,15 @@ class NodeWorker:
                     check: BatchCheck) -> None:
         """Parts 2-5 of a step on the batch ``x, y`` (plan rows ``rows``)."""
         tm = self.timer
-        logits = [node.forward(x) for node in self.nodes]               # 2. forward
+        outs = [node.outputs(x) for node in self.nodes]                 # 2. forward
         tm.mark("forward")
-        all_logits = self._exchange(rows, x, y, logits, check)          # 3. exchange
+        all_logits, received = self._exchange(rows, x, y, outs, check)  # 3. exchange
         self.step += 1
-        for node, z, tot in zip(self.nodes, logits, totals):
+        for node, out, tot in zip(self.nodes, outs, totals):
+            z = out["logits"]
             if not node.frozen:
                 progress = node.progress(self.step)  # the one helper the reference uses too
-                loss, terms = node.loss(z, all_logits, y, progress)    # 4. loss
+                loss, terms = node.loss(z, all_logits, y, progress, own=out, received=received)  # 4. loss
                 weights = node.gate_weights(all_logits, y, progress)
                 tm.mark("loss")
                 if self.skip_nonfinite and not torch.isfinite(loss).item():  # host sync, only in skip mode
@@ -305,14 +320,39 @@ class NodeWorker:
             tot.correct += (z.detach().argmax(1) == y).sum()
         tm.end_step()
 
-    def _exchange(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, logits: list[torch.Tensor],
-                  check: BatchCheck) -> torch.Tensor:
-        """The one all-gather of the step: every node's detached logits [M, B, C], and, every
-        ``train.check_batch_every`` steps, every process's batch fingerprint, compared with
-        process 0's (at once on the CPU, where reading costs nothing; on an accelerator
-        tracked on the device and read at progress lines and at the end of the epoch)."""
+    def _payload(self, outs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """What this process sends at a step (before the occasional batch fingerprint)."""
+        payload = {"logits": self._pad(torch.stack([o["logits"].detach() for o in outs]))}
+        b = outs[0]["logits"].shape[0]
+        for need, dims in self.extra_dims.items():
+            e = outs[0]["logits"].new_zeros((self.width, b, max(dims.values())))
+            for j, (t, o) in enumerate(zip(self.hosted, outs)):
+                if t in dims:
+                    e[j, :, : dims[t]] = o[need].detach()
+            payload[need] = e
+        return payload
+
+    def exchange_bytes(self) -> dict[str, int]:
+        """Bytes this process sends per step, by what they carry (the all-gather takes the
+        same block from every process; the batch fingerprint's 32 bytes cross only every
+        ``train.check_batch_every`` steps)."""
+        b, c = self.cfg.train.batch_size, self.data.info.num_classes
+        out = {"logits": self.width * b * c * 4}
+        for need, dims in self.extra_dims.items():
+            out[need] = self.width * b * max(dims.values()) * 4
+        return out
+
+    def _exchange(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, outs: list[dict[str, torch.Tensor]],
+                  check: BatchCheck) -> tuple[torch.Tensor, dict[str, list[Optional[torch.Tensor]]]]:
+        """The one all-gather of the step: every node's detached logits [M, B, C]; when the
+        graph has relation (mhgd) edges, the embeddings (compressed stage features) of the
+        nodes that feed them, returned per node (``[B, D_s]``, None for a node that feeds
+        none); and every ``train.check_batch_every`` steps every process's batch
+        fingerprint, compared with process 0's (at once on the CPU, where reading costs
+        nothing; on an accelerator tracked on the device and read at progress lines and at
+        the end of the epoch)."""
         tm = self.timer
-        payload = {"logits": self._pad(torch.stack([z.detach() for z in logits]))}
+        payload = self._payload(outs)
         every = self.cfg.train.check_batch_every
         checking = every > 0 and self.step % every == 0
         if checking:
@@ -325,7 +365,11 @@ class NodeWorker:
             check.track(self.step + 1, got["batch"])
             if self.device.type == "cpu":
                 self._raise_on_mismatch(check)
-        return got["logits"].flatten(0, 1)[self.node_rows]
+        received: dict[str, list[Optional[torch.Tensor]]] = {}
+        for need, dims in self.extra_dims.items():
+            every = got[need].flatten(0, 1)[self.node_rows]
+            received[need] = [every[t, :, : dims[t]] if t in dims else None for t in range(self.cfg.graph.num_nodes)]
+        return got["logits"].flatten(0, 1)[self.node_rows], received
 
     def _raise_on_mismatch(self, check: BatchCheck) -> None:
         """Read the batch mismatch tracked so far (a host sync on an accelerator)."""

@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 DOCS = ROOT / "docs" / "configuration.md"
 
-MODES = ("train", "search")
-MODE_DOC = "train (one graph, one process per node, under torchrun) or search (a Ray Tune ASHA search over graphs: search=<preset>)."
+MODES = ("train", "search", "attention")
+MODE_DOC = ("train (one graph, one process per node, under torchrun), search (a Ray Tune ASHA search over graphs: "
+            "search=<preset>) or attention (stage 1 of mhgd edges: train their attention modules).")
 DEFAULTS_NODE = "ktg_defaults"
 """The name ``conf/config.yaml``'s defaults list loads the dataclass defaults by."""
 

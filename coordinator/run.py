@@ -85,6 +85,11 @@ def run_node(cfg: RunConfig, run_dir: str | Path, rank: int, world_size: int, lo
                 log.info(f"dataset {data.name}: {len(data.train)} train / {len(data.val) if data.val else 0} val / "
                          f"{len(data.test)} test; {worker.steps_per_epoch} steps of {cfg.train.batch_size} per epoch; "
                          f"{world_size} processes, backend {worker.env.backend}, device {worker.env.device.type}")
+                sent, every = worker.exchange_bytes(), cfg.train.check_batch_every
+                fingerprint = f" + a 32-byte batch fingerprint every {every} step(s)" if every else ""
+                log.info(f"exchange: {sum(sent.values()):,} bytes sent per process per step ("
+                         + ", ".join(f"{k} {v:,}" for k, v in sent.items()) + f"){fingerprint}; relations are "
+                         "built by the receivers")
                 if world_size < cfg.graph.num_nodes:
                     log.info("placement (estimated share of the training FLOPs):\n" + placement_text(cfg, data, worker.placement))
                 if start.epoch:

@@ -561,6 +561,7 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
             "models": ", ".join(n["model"] + ("*" if "checkpoint" in n else "") for n in graph["nodes"]) if graph else "",
             "gates": describe_gates(graph["gates"]) if graph else "",
             "extra": json.dumps({k[6:]: v for k, v in cfg.items() if k.startswith("extra:")}) if cfg else "",
+            "kinds": " / ".join(" ".join(e for e in row) for row in graph["kinds"]) if graph and graph.get("kinds") else "",
             "epochs": epochs,
             "last_val_acc": round(vals[-1], 3) if vals else None,
             "best_val_acc": round(max(vals), 3) if vals else None,
@@ -621,11 +622,14 @@ def write_results(grid, space: SearchConfig, out_dir: Path, wall_s: float) -> di
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| trial | models | gates (rows = receiver) | epochs | last val | best val | status |", "|---|---|---|---|---|---|---|"]
+    kinds = any(r.get("kinds") for r in rows)  # a search over edge kinds too
+    head = "| trial | models | gates (rows = receiver) |" + (" kinds (rows = receiver) |" if kinds else "")
+    lines = [head + " epochs | last val | best val | status |", "|---|---|---|" + ("---|" if kinds else "") + "---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-(r["best_val_acc"] or -1))):
         lv = "-" if r["last_val_acc"] is None else f"{r['last_val_acc']:.2f}"
         bv = "-" if r["best_val_acc"] is None else f"{r['best_val_acc']:.2f}"
-        lines.append(f"| {r['trial'][-14:]} | {r['models']} | {r['gates']} | {r['epochs']} | {lv} | {bv} | {r['status']} |")
+        k = f" {r.get('kinds', '')} |" if kinds else ""
+        lines.append(f"| {r['trial'][-14:]} | {r['models']} | {r['gates']} |{k} {r['epochs']} | {lv} | {bv} | {r['status']} |")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from actors.config import _build
 from actors.errors import ConfigError
 from actors.gates import GATES, is_cutoff
+from actors.kinds import SEARCHABLE_KINDS, format_entry, parse_entry
 from actors.models import MODELS
 
 SEARCHERS = ("random", "optuna")
@@ -35,6 +36,10 @@ class SearchConfig:
     3-node models: [resnet32, resnet110, resnet32]. Sets num_nodes and target_model."""
     gates: list[str] = field(default_factory=lambda: ["Through", "Cutoff", "Linear", "Correct"])
     """Gates to choose from for each of the M x M edges."""
+    edge_kinds: Optional[list[str]] = None
+    """What a cross edge may carry, one choice per entry, e.g. ``[kl, kl+rkd_distance+rkd_angle]``
+    (from kl, rkd_distance, rkd_angle): a ``kind_<t>_<s>`` parameter per cross edge. null:
+    every edge kl, as the paper searches."""
     frozen: str = "teachers"
     """teachers: a frozen node loads <teachers_dir>/<model>/node0.pt; exclude: never sample one."""
     teachers_dir: str = "teachers"
@@ -113,6 +118,21 @@ class SearchConfig:
                 f"search.gates={self.gates} leaves no valid graph: the target node needs a non-Cutoff "
                 f"incoming edge; add one of {', '.join(g for g in GATES.names() if not is_cutoff(g))}"
             )
+        if self.edge_kinds is not None:
+            if not isinstance(self.edge_kinds, list) or not self.edge_kinds:
+                raise ConfigError(f"search.edge_kinds must be a non-empty list of cross-edge kinds (e.g. [kl, "
+                                  f"kl+rkd_distance+rkd_angle]) or null; got {self.edge_kinds!r}")
+            choices = []
+            for i, entry in enumerate(self.edge_kinds):
+                kinds = parse_entry(entry, f"search.edge_kinds[{i}]")
+                wrong = [k for k in kinds if k not in SEARCHABLE_KINDS]
+                if wrong:
+                    raise ConfigError(f"search.edge_kinds[{i}]: {', '.join(wrong)} cannot be searched; allowed: "
+                                      f"{', '.join(SEARCHABLE_KINDS)} (joined by '+' for several on one edge)")
+                choices.append(format_entry(kinds))
+            if len(set(choices)) != len(choices):
+                raise ConfigError(f"search.edge_kinds lists a choice twice: {choices}")
+            self.edge_kinds = choices
         if self.frozen not in FROZEN_POLICIES:
             raise ConfigError(f"search.frozen must be one of {', '.join(FROZEN_POLICIES)}; got {self.frozen!r}")
         if self.searcher not in SEARCHERS:
@@ -156,6 +176,11 @@ class SearchConfig:
         for t in range(self.num_nodes):
             for s in range(self.num_nodes):
                 space[f"gate_{t}_{s}"] = list(self.gates)
+        if self.edge_kinds:
+            for t in range(self.num_nodes):
+                for s in range(self.num_nodes):
+                    if s != t:
+                        space[f"kind_{t}_{s}"] = list(self.edge_kinds)
         for key, values in self.extra.items():
             space[f"extra:{key}"] = list(values)
         return space
@@ -174,7 +199,10 @@ class SearchConfig:
                     return None
                 node["checkpoint"] = self.teacher_path(models[t])
             nodes.append(node)
-        return {"name": name, "nodes": nodes, "gates": gates, "temperature": 1.0, "loss": "kl", "reduction": "sum"}
+        graph = {"name": name, "nodes": nodes, "gates": gates, "temperature": 1.0, "loss": "kl", "reduction": "sum"}
+        if self.edge_kinds:
+            graph["kinds"] = [["ce" if s == t else params[f"kind_{t}_{s}"] for s in range(m)] for t in range(m)]
+        return graph
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

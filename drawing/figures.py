@@ -19,6 +19,7 @@ The command line is ``drawing.draw`` (``ktg-draw``).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -105,10 +106,22 @@ def load_graph_file(path: str | Path) -> "GraphSpec":
         data = data["graph"]
     if not isinstance(data, dict) or "nodes" not in data or "gates" not in data:
         raise ConfigError(f"{path}: not a graph (a mapping with 'nodes' and 'gates', or a run config with a 'graph')")
-    allowed = {"name", "nodes", "gates", "temperature", "loss", "reduction"}
+    allowed = {f.name for f in dataclasses.fields(GraphSpec)}
     data = {k: v for k, v in data.items() if k in allowed}  # e.g. hydra's 'defaults'
     data.setdefault("name", path.stem)
     return GraphSpec.from_dict(data)
+
+
+#: short names of the edge kinds on the drawn edges (docs/edge-kinds.md)
+KIND_SHORT = {"ce": "ce", "self": "self", "kl": "kl", "rkd_distance": "rd", "rkd_angle": "ra", "mhgd": "mhgd"}
+
+
+def edge_text(graph: "GraphSpec", t: int, s: int) -> str:
+    """What an edge's label says: its gate, and its kinds when the graph has any but the default."""
+    gate = graph.gates[t][s]
+    if graph.kinds is None:
+        return gate
+    return f"{gate}: " + "+".join(KIND_SHORT.get(k, k) for k in graph.edge_kinds(t, s))
 
 
 def _layout(m: int, half_width: float) -> tuple[float, list[tuple[float, float]], list[float]]:
@@ -215,7 +228,8 @@ def _graph_figure(graph: "GraphSpec", title: Optional[str] = None):
                 ux, uy = math.cos(angles[t]), math.sin(angles[t])
                 ha = "left" if ux > 0.35 else ("right" if ux < -0.35 else "center")
                 va = "bottom" if uy > 0.35 else ("top" if uy < -0.35 else "center")
-                ax.text(ox + 0.03 * ux, oy + 0.03 * uy, gate, ha=ha, va=va, fontsize=9, color=color, zorder=5)
+                ax.text(ox + 0.03 * ux, oy + 0.03 * uy, edge_text(graph, t, s), ha=ha, va=va, fontsize=9, color=color,
+                        zorder=5)
                 continue
             rad = 0.18
             (x1, y1), (x2, y2) = pos[s], pos[t]
@@ -230,12 +244,13 @@ def _graph_figure(graph: "GraphSpec", title: Optional[str] = None):
             u = 0.62
             mx = (1 - u) ** 2 * x1 + 2 * u * (1 - u) * cx + u ** 2 * x2
             my = (1 - u) ** 2 * y1 + 2 * u * (1 - u) * cy + u ** 2 * y2
-            ax.text(mx, my, gate, ha="center", va="center", fontsize=9, color=color, zorder=5,
+            ax.text(mx, my, edge_text(graph, t, s), ha="center", va="center", fontsize=9, color=color, zorder=5,
                     rotation=_upright(math.degrees(math.atan2(dy, dx))), rotation_mode="anchor",
                     bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.9))
 
     if title is None:
-        title = f"{graph.name}  (T={graph.temperature:g}, {graph.loss}, reduction={graph.reduction})"
+        what = graph.loss if graph.kinds is None else "edge kinds"
+        title = f"{graph.name}  (T={graph.temperature:g}, {what}, reduction={graph.reduction})"
     ax.set_title(title, fontsize=12, pad=4)
     handles = [Patch(facecolor="#fde9c8", edgecolor="#c0392b", linewidth=2.2, label="node 0: target")]
     if any(graph.is_frozen(i) for i in range(m)):
@@ -245,8 +260,12 @@ def _graph_figure(graph: "GraphSpec", title: Optional[str] = None):
         handles.append(Line2D([], [], color=GATE_COLORS.get(gate, "#444444"), linewidth=2, label=gate))
     fig.legend(handles=handles, loc="upper center", ncol=min(3, len(handles)), fontsize=9, frameon=False,
                bbox_to_anchor=(0.5, bottom / total))
-    fig.text(0.5, 0.005, "arrow s \u2192 t: node t learns from node s through the gate written on it;  "
-             "loop: the label edge;  no arrow: no edge", ha="center", va="bottom", fontsize=8.5, color="#444444")
+    caption = ("arrow s \u2192 t: node t learns from node s through the gate written on it;  "
+               "loop: the label edge;  no arrow: no edge")
+    if graph.kinds is not None:
+        caption = ("arrow s \u2192 t: gate: kinds (kl outputs, rd/ra RKD distance/angle, mhgd attention graph; "
+                   "loop: ce labels, self self-distillation)")
+    fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=8.5, color="#444444")
     return fig
 
 

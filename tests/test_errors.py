@@ -14,17 +14,18 @@ T = "Through"
 
 
 @pytest.mark.parametrize("args, message", [
-    (["graph=nope"], r"^graph=nope: no such preset; available: digits_noisy_searched, dml, dml3, dml4, dml_many, independent, kd, "
-                     r"ktg3, .*teacher \(or a graph .yaml file\)$"),
+    (["graph=nope"], r"^graph=nope: no such preset; available: ctsl_mkt, digits_noisy_searched, dml, dml3, dml4, dml_many, independent, "
+                     r"kd, ktg3, mhgd, .*teacher \(or a graph .yaml file\)$"),
     (["dataset=mnist"], r"^dataset=mnist: no such preset; available: cifar10, cifar100, digits, digits_noisy, tiny_imagenet$"),
     (["optim=sgd"], r"^optim=sgd: no such preset; available: cpu, paper$"),
     (["logger=tensorboard"], r"^logger=tensorboard: no such preset; available: none, wandb$"),
     (["mode=search", "search=huge"], r"^search=huge: no such preset; available: paper, small$"),
-    (["+experiment=cifar100_nope"], r"^experiment=cifar100_nope: no such preset; available: cifar100_dml2, "),
+    (["+experiment=cifar100_nope"], r"^experiment=cifar100_nope: no such preset; available: cifar100_ctsl_mkt, cifar100_dml2, "),
     (["train.foo=1"], r"^train: unknown key\(s\) foo; allowed: epochs, batch_size, "),
     (["optim.learning_rate=0.1"], r"^optim: unknown key\(s\) learning_rate; allowed: lr, momentum, "),
     (["graph.gate.0.0=Through"], r"^graph has unknown keys \['gate'\]; allowed: frozen_bn, gates, "),
-    (["graph.nodes.0.modle=convnet"], r"^graph.nodes\[0\] has unknown keys \['modle'\]; allowed: model, checkpoint$"),
+    (["graph.nodes.0.modle=convnet"], r"^graph.nodes\[0\] has unknown keys \['modle'\]; "
+                                      r"allowed: model, checkpoint, self_checkpoint, attention$"),
     (["search.num_trials=3"], r"^search: unknown key\(s\) num_trials; allowed: name, num_nodes, "),
     (["epochs=5"], r"^epochs: no such option \(did you mean train.epochs\?\); top-level options: mode, seed, device, backend, "
                    r"dist_timeout_s, placement; sections: .*; presets: dataset=, experiment=, graph=, logger=, optim=, search=$"),
@@ -45,7 +46,7 @@ def test_good_command_lines_pass_the_name_check():
 
 
 def test_every_group_lists_its_presets():
-    assert presets("graph")[:3] == ["digits_noisy_searched", "dml", "dml3"] and "ktg3" in presets("graph")
+    assert presets("graph")[:3] == ["ctsl_mkt", "digits_noisy_searched", "dml"] and {"ktg3", "mhgd"} <= set(presets("graph"))
 
 
 def test_graph_files_that_are_not_yaml_or_not_a_mapping(tmp_path):

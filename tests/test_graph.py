@@ -46,8 +46,8 @@ def test_bad_graphs_are_refused_with_the_field_named(kwargs, message):
 
 
 def test_from_dict_refuses_unknown_keys():
-    with pytest.raises(ConfigError, match=r"unknown keys \['gate'\]; allowed: frozen_bn, gates, loss, name, nodes, progress, "
-                                          r"reduction, skip_zero_loss, temperature"):
+    with pytest.raises(ConfigError, match=r"unknown keys \['gate'\]; allowed: frozen_bn, gates, kind_weights, kinds, loss, mhgd, "
+                                          r"name, nodes, progress, reduction, self_temperature, skip_zero_loss, temperature"):
         GraphSpec.from_dict({"nodes": [{"model": "resnet32"}], "gate": [[T]]})
 
 

@@ -58,15 +58,15 @@ def test_unknown_preset_lists_the_available_ones(tmp_path):
     r = run([sys.executable, "launch.py", "graph=nope", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [
-        "error: graph=nope: no such preset; available: digits_noisy_searched, dml, dml3, dml4, dml_many, independent, kd, ktg3, "
-        "resnet32, slides3, slides4, teacher (or a graph .yaml file)"]
+        "error: graph=nope: no such preset; available: ctsl_mkt, digits_noisy_searched, dml, dml3, dml4, dml_many, independent, "
+        "kd, ktg3, mhgd, resnet32, slides3, slides4, teacher (or a graph .yaml file)"]
 
 
 def test_search_mode_needs_a_search_preset(tmp_path):
     r = run([sys.executable, "launch.py", "mode=search", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 2 and "error: mode=search needs a search space: search=<preset>" in r.stderr
     r = run([sys.executable, "launch.py", "mode=serve", f"hydra.run.dir={tmp_path}"])
-    assert r.returncode == 2 and "error: mode must be one of train, search; got 'serve'" in r.stderr
+    assert r.returncode == 2 and "error: mode must be one of train, search, attention; got 'serve'" in r.stderr
 
 
 def test_missing_graph_file_is_named(tmp_path):

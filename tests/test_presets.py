@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from actors.config import RunConfig
+from actors.mhgd import AttentionModule, save_attention
 from actors.models import build_model
 from actors.preflight import preflight
 from coordinator.sequential import train_sequential
@@ -32,7 +33,9 @@ EXPECTED = {
     "cifar100_slides4": ["resnet32", "wrn28_2", "wrn28_2", "resnet32"],
     "cifar100_ktg3": ["resnet32", "resnet32", "resnet110"],
     "cifar100_ktg3_reimpl": ["resnet32", "resnet32", "resnet110"],
+    "cifar100_ctsl_mkt": ["resnet32", "resnet110"],  # edge kinds (docs/edge-kinds.md), on DCL's recipe
 }
+MHGD = "cifar100_mhgd"  # edge kinds, on MHGD's own recipe: test_mhgd_preset_composes_to_its_recipe
 REIMPL = "cifar100_ktg3_reimpl"  # the reimplementation's recipe; every other preset follows DCL's
 SMOKE = ["dataset.download=false", "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4",
          "train.eval_batch_size=16", "logger=none"]
@@ -47,6 +50,8 @@ def workdir(tmp_path_factory):
         path = d / "teachers" / "cifar100" / model / "node0.pt"
         path.parent.mkdir(parents=True)
         torch.save({"model": build_model(model, 100, 3).state_dict(), "meta": {"model": model}}, path)
+    save_attention(d / "teachers" / "cifar100" / "resnet110" / "mhgd_attention.pt", AttentionModule([16, 32, 64]),
+                   {"model": "resnet110"})
     return d
 
 
@@ -62,10 +67,10 @@ def compose_preset(name: str, workdir: Path, *overrides: str) -> tuple[RunConfig
 
 
 def test_every_slides_experiment_has_a_preset():
-    assert PRESETS == sorted(EXPECTED)
+    assert PRESETS == sorted([*EXPECTED, MHGD])
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_preset_composes_to_the_paper_recipe(name, workdir):
     cfg, extra = compose_preset(name, workdir)
     assert [n.model for n in cfg.graph.nodes] == EXPECTED[name]
@@ -100,6 +105,17 @@ def test_preset_composes_to_the_paper_recipe(name, workdir):
         assert extra["run_dir"] == "teachers/cifar100/resnet110"  # where kd looks for it
     else:
         assert extra["run_dir"] == f"runs/cifar100/{name.split('_', 1)[1]}/seed0"
+
+
+def test_mhgd_preset_composes_to_its_recipe(workdir):
+    cfg, extra = compose_preset(MHGD, workdir)
+    o, g = cfg.optim, cfg.graph
+    assert [n.model for n in g.nodes] == ["resnet32", "resnet110"] and g.is_frozen(1)
+    assert g.edge_kinds(0, 1) == ("mhgd",) and g.mhgd_option("clip") is True
+    assert g.nodes[1].attention == str(workdir / "teachers/cifar100/resnet110/mhgd_attention.pt")
+    assert (o.lr, o.momentum, o.nesterov, o.weight_decay, o.milestones) == (0.1, 0.9, True, 5e-4, [30, 60, 80])
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.dataset.normalize, cfg.dataset.val_fraction) == (100, 128, True, 0)
+    assert extra["run_dir"] == "runs/cifar100/mhgd/seed0"
 
 
 def test_ktg3_sums_its_edges_and_keeps_mean_as_an_option(workdir):

@@ -138,6 +138,9 @@ def test_asha_stops_trials_early_and_failures_do_not_stop_the_search(tiny_search
     best_dir = out / summary["best_trial"]
     assert (best_dir / "node0.pt").is_file() and (best_dir / "node1.pt").is_file()
     assert float(rows[0]["launch_overhead_s"]) > 0
+    # the edge kinds were searched too: every trained trial's kinds, ce on the diagonal
+    assert all(r["kinds"].split(" / ")[0].split()[0] == "ce" for r in rows if r["kinds"]) and any(r["kinds"] for r in ok)
+    assert "kinds:" in Path(summary["best_graph"]).read_text()
 
 
 def test_warm_trials_start_fast_and_train_as_cold_ones(tiny_search, tmp_path):
