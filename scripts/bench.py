@@ -23,6 +23,14 @@ reference uses one: the comparison the reference implementations invite). Tables
 7. M = 2..32 ConvNet nodes packed on 2 processes: how the step and the exchange grow;
 8. the 2-node group against one process using every core (the best single-process run).
 
+``--kinds`` runs only another table instead: the bytes each process sends and the shares of
+the exchange and of the loss in the step for kl-only graphs vs kl + relation graphs
+(``graph.kinds=kl+rkd_distance+rkd_angle``: the senders' B x D embeddings cross too, and the
+receiver builds the B x B and B x B x B relation matrices), 2 and 3 ResNet32 nodes, batch 64
+and 256, ``--repeats`` interleaved repetitions (median):
+
+    .venv/bin/python scripts/bench.py --kinds --steps 20 --repeats 5 --json docs/bench-2core-kinds.json  # ~6 min, 2 cores
+
 "wait" is the time a node spends in the all-gather before the slowest node arrives
 (load imbalance); "exchange" is the rest of the all-gather (the transfer itself, plus
 packing the batch fingerprint). See docs/performance.md for a recorded run and the cost
@@ -54,14 +62,19 @@ from actors.worker import NodeWorker  # noqa: E402
 from coordinator.sequential import SequentialGroup  # noqa: E402
 
 
-def make_config(models: list[str], batch_size: int, steps: int, device: str) -> tuple[RunConfig, int]:
+def make_config(models: list[str], batch_size: int, steps: int, device: str,
+                kinds: Optional[str] = None) -> tuple[RunConfig, int]:
     """A DML-style graph (every edge Through) over ``models``, with enough capped epochs for
-    one warm-up epoch and ``steps`` timed steps. Returns (config, steps per epoch)."""
+    one warm-up epoch and ``steps`` timed steps; ``kinds``: ``graph.kinds`` (None: kl only).
+    Returns (config, steps per epoch)."""
     m = len(models)
     spe = min(1437 // batch_size, steps)  # digits: 1437 training images with no val split
     epochs = 1 + math.ceil(steps / spe)
+    graph = {"name": "bench", "nodes": [{"model": x} for x in models], "gates": [["Through"] * m] * m}
+    if kinds is not None:
+        graph["kinds"] = kinds
     cfg = RunConfig.from_dict({
-        "graph": {"name": "bench", "nodes": [{"model": x} for x in models], "gates": [["Through"] * m] * m},
+        "graph": graph,
         "dataset": {"name": "digits", "val_fraction": 0.0, "crop_pad": 1, "flip": False},
         "optim": {"lr": 0.02, "schedule": "constant", "milestones": []},
         "train": {"epochs": epochs, "batch_size": batch_size, "num_threads": 1, "max_steps_per_epoch": spe,
@@ -98,14 +111,15 @@ def _node(rank: int, world: int, port: int, cases: list[dict[str, Any]], device:
     try:
         for case in cases:
             if case["kind"] == "train":
-                cfg, spe = make_config(case["models"], case["batch_size"], case["steps"], device)
+                cfg, spe = make_config(case["models"], case["batch_size"], case["steps"], device, case.get("kinds"))
                 worker = NodeWorker(cfg, env, ex, data, None, case.get("placement"))
                 worker.timer = StepTimer(env.device)
                 worker.train_epoch(0)  # warm-up epoch (allocator, caches, first-call costs)
                 worker.timer.reset()
                 for e in range(1, cfg.train.epochs):
                     worker.train_epoch(e)
-                out.append({**case, **worker.timer.summary(), "steps_timed": worker.timer.steps})
+                out.append({**case, **worker.timer.summary(), "steps_timed": worker.timer.steps,
+                            "bytes": worker.exchange_bytes()})
             else:  # the all-gather alone, for a [B, C] float32 payload
                 x = torch.randn(case["batch_size"], case["classes"], device=env.device)
                 for _ in range(5):
@@ -188,14 +202,75 @@ def ms(v: float) -> str:
     return f"{v * 1e3:.2f}"
 
 
+RELATION_KINDS = "kl+rkd_distance+rkd_angle"
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def kinds_table(args: argparse.Namespace, raw: dict[str, Any]) -> None:
+    """kl-only vs kl + relation graphs: bytes sent, and the shares of the exchange and of
+    the loss in the step. Each group (2, then 3 ResNet32 nodes) runs every case
+    ``args.repeats`` times, interleaved (the order of the cases reversed every other
+    repetition, so that drift of the machine does not favour one kind); the table gives
+    the median over repetitions of each column, each repetition's value being the mean
+    over the group's nodes."""
+    batches, kinds = (64, 256), (None, RELATION_KINDS)
+    runs: dict[int, list[list[dict[str, Any]]]] = {}
+    for m in (2, 3):
+        cases = []
+        for r in range(args.repeats):
+            order = [(b, k) for b in batches for k in kinds]
+            for b, k in (order if r % 2 == 0 else order[::-1]):
+                cases.append({"kind": "train", "models": ["resnet32"] * m, "batch_size": b, "steps": args.steps,
+                              "kinds": k, "repeat": r})
+        t = time.perf_counter()
+        runs[m] = run_group(m, cases, args.device, args.pin)
+        print(f"  group of {m} ResNet32 nodes, {len(cases)} cases: {time.perf_counter() - t:.0f}s", flush=True)
+    raw["kinds_runs"] = {str(m): g for m, g in runs.items()}
+    print(f"\n### The exchange and the loss: kl only vs kl + {RELATION_KINDS.split('+', 1)[1]} "
+          f"(ResNet32 nodes, every edge Through; median of {args.repeats} interleaved repetitions; ms)\n")
+    print("| nodes | batch | kinds | bytes sent per process per step | exchange | wait | loss | backward | step "
+          "| exchange % | exchange + wait % | loss % |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    table = []
+    for m in (2, 3):
+        for b in batches:
+            for k in kinds:
+                per_rep = []
+                for r in range(args.repeats):
+                    rows = [next(c for c in g if c["batch_size"] == b and c["kinds"] == k and c["repeat"] == r)
+                            for g in runs[m]]
+                    per_rep.append({p: sum(x[p] for x in rows) / len(rows)
+                                    for p in ("exchange", "wait", "loss", "backward", "step")})
+                    nbytes = rows[0]["bytes"]
+                med = {p: median([x[p] for x in per_rep]) for p in per_rep[0]}
+                share = {p: median([x[p] / x["step"] for x in per_rep]) for p in ("exchange", "loss")}
+                share["exchange_wait"] = median([(x["exchange"] + x["wait"]) / x["step"] for x in per_rep])
+                sent = sum(nbytes.values()) + 32  # exchange_bytes() + the batch fingerprint (every step by default)
+                table.append({"nodes": m, "batch": b, "kinds": k or "kl", "bytes": nbytes, "bytes_sent": sent,
+                              **med, "share": share, "per_repeat": per_rep})
+                print(f"| {m} | {b} | {k or 'kl'} | {sent:,} | {ms(med['exchange'])} | {ms(med['wait'])} "
+                      f"| {ms(med['loss'])} | {ms(med['backward'])} | {ms(med['step'])} "
+                      f"| {100 * share['exchange']:.1f}% | {100 * share['exchange_wait']:.1f}% "
+                      f"| {100 * share['loss']:.1f}% |")
+    raw["kinds_table"] = table
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="timed steps per case (after a warm-up epoch)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cpu: gloo, one thread per process; cuda: NCCL, one GPU per node")
     ap.add_argument("--json", help="also write the raw results here")
-    ap.add_argument("--repeats", type=int, default=5, help="repetitions of the 2-node group vs single-process pair (section 5)")
+    ap.add_argument("--repeats", type=int, default=5, help="repetitions of the 2-node group vs single-process pair (section 5); "
+                         "with --kinds, interleaved repetitions of each case (median)")
     ap.add_argument("--quick", action="store_true", help="a few steps per case: checks that the benchmark runs, measures nothing")
+    ap.add_argument("--kinds", action="store_true",
+                    help="only the kl-only vs kl + relation graphs table (2 and 3 nodes, batch 64 and 256)")
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="do not pin node r to CPU core r (pinning applies when there are at least M cores)")
     args = ap.parse_args(argv)
@@ -212,8 +287,15 @@ def main(argv=None) -> int:
         print(f"note: {cores} cores: the 3-node group shares them (3 processes on {cores} cores), so its "
               "speed-up is capped at the core count", flush=True)
 
-    batches = (16, 64, 256)
     raw: dict[str, Any] = {"device": args.device, "cores": cores, "steps": args.steps, "torch": torch.__version__}
+    if args.kinds:
+        raw["repeats"] = args.repeats
+        kinds_table(args, raw)
+        print(f"benchmark wall time: {time.perf_counter() - t_start:.0f}s")
+        if args.json:
+            Path(args.json).write_text(json.dumps(raw, indent=1, default=str) + "\n")
+        return 0
+    batches = (16, 64, 256)
     groups: dict[int, list[list[dict[str, Any]]]] = {}
     for m in (1, 2, 3):
         cases = [{"kind": "train", "models": ["resnet32"] * m, "batch_size": b, "steps": args.steps} for b in batches]
