@@ -42,7 +42,7 @@ def real_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_search(tmp_path_factory):
-    """6 two-node trials of 4 epochs sampled by Optuna's TPE, each packed into one actor
+    """6 two-node trials of 4 epochs (8 steps each) sampled by Optuna's TPE, each packed into one actor
     (search.processes_per_trial=1), two at a time on warm groups; learning rate searched too,
     1e6 makes a trial fail; each cross edge's kind too (kl, or kl + rkd_distance)."""
     import csv
@@ -59,7 +59,7 @@ def tiny_search(tmp_path_factory):
     base = {
         "dataset": {"name": "digits", "val_fraction": 0.15, "crop_pad": 1, "flip": False},
         "optim": {"lr": 0.05, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
-        "train": {"batch_size": 64, "num_threads": 1}, "logger": {"backend": "none"}, "seed": 0,
+        "train": {"batch_size": 64, "num_threads": 1, "max_steps_per_epoch": 8}, "logger": {"backend": "none"}, "seed": 0,
     }
     try:
         summary = run_search(s, base, out, seed=1)  # a seed whose 6 samples hold a warm trial, an ASHA stop, a failure
