@@ -21,7 +21,8 @@ alone, an estimator predicts each image's deeper-stage vector from the earlier s
 vectors of the batch through the row-softmaxed graph, with about half of each row's heads
 dropped at random: ``v_hat = normalise(f2(concat_h(drop(softmax(G))_h @ f1(v_{i-1}))))``,
 f1 = Linear + BatchNorm + ReLU, f2 = Linear with bias; loss ``sum_pairs mean_b (1 - <v_hat,
-v_i>)``. Only the attention module learns (SGD, Nesterov momentum 0.9, weight decay 5e-4).
+v_i>)``. Only the attention module learns (SGD, Nesterov momentum 0.9, and the original's L2
+term 5e-4 * sum(v^2): weight decay 1e-3).
 
 Stage 2 (the ``mhgd`` edge): the attention module frozen (BatchNorm on its stored
 statistics), the receiver learns to reproduce the source's graphs::
@@ -52,6 +53,11 @@ def svd_vectors(fmap: torch.Tensor, k: int) -> torch.Tensor:
     """``[B, C, H, W]`` -> the top ``k`` right singular vectors of each image's ``[HW, C]``:
     ``[B, k', C]`` (k' = min(k, HW, C)), unit length."""
     x = fmap.float().flatten(2).transpose(1, 2)          # [B, HW, C]
+    if x.requires_grad:
+        # the SVD's gradient is undefined where singular values repeat (a map of rank below
+        # min(HW, C), e.g. a dead stage): it comes back NaN there; zero it, as the authors'
+        # code does with its own SVD gradient (``removenan``)
+        x.register_hook(lambda g: torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0))
     vh = torch.linalg.svd(x, full_matrices=False).Vh     # [B, min(HW, C), C]
     return vh[:, :k]
 
@@ -187,7 +193,8 @@ def train_attention(teacher: nn.Module, batches: Callable[[int], Any], epochs: i
         module = AttentionModule(teacher.stage_widths).to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    # the original adds 5e-4 * sum(v^2) to the loss: a gradient of 1e-3 * v, PyTorch's weight_decay=1e-3
+    opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3)
     teacher.eval()
     losses = []
     for epoch in range(epochs):

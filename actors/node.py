@@ -120,7 +120,9 @@ class GraphNode:
                               for (s, _, _), k in zip(self.edges, self.edge_kinds) if "mhgd" in k}
         self.needs_stages = self.sends_features or bool(self.attention)
         self.mhgd_clip = bool(self.attention) and graph.mhgd_option("clip")
-        self._transfer: Optional[torch.Tensor] = None  # this step's mhgd loss (clipped apart)
+        # this step's mhgd loss and the rest of its loss (the task loss), kept apart for the clip
+        self._transfer: Optional[torch.Tensor] = None
+        self._task: Optional[torch.Tensor] = None
         self.edge_loss = EDGE_LOSSES.get(graph.loss)
         # self-distillation (a live ``self`` kind on the diagonal): a frozen copy of this very
         # model as trained alone in stage 1, always with its stored BatchNorm statistics
@@ -209,24 +211,34 @@ class GraphNode:
         the node's total loss and the gated loss of each incoming edge (detached,
         [len(edges)]; an edge of several kinds: their sum)."""
         terms, label_term, cross = [], None, []
-        self._transfer = None
+        task_cross: list[torch.Tensor] = []  # with mhgd clipping: each cross edge without its mhgd term
+        self._transfer = self._task = None
         for (s, gate, _), kinds in zip(self.edges, self.edge_kinds):
             src = None if s == self.index else all_logits[s]
-            g = None
+            g = task = None
             for kind in kinds:
                 value = self._kind_loss(kind, s, gate, logits, src, labels, progress, own, received)
                 g = value if g is None else g + value
+                if kind != "mhgd":
+                    task = value if task is None else task + value
             if s == self.index:
                 label_term = g
             else:
                 cross.append(g)
+                task_cross.append(task if task is not None else logits.new_zeros(()))
             terms.append(g)
         total = label_term if label_term is not None else logits.new_zeros(())
         if cross:
             c = torch.stack(cross).sum()
             total = total + (c / len(cross) if self.reduction == "mean" else c)
-            if self._transfer is not None and self.reduction == "mean":
-                self._transfer = self._transfer / len(cross)  # the share of the loss the clip treats apart
+        if self.mhgd_clip and self._transfer is not None:
+            # the clip needs the task loss and the mhgd loss apart, each as it enters the total
+            n = len(cross) if self.reduction == "mean" else 1
+            task_total = label_term if label_term is not None else logits.new_zeros(())
+            c = torch.stack(task_cross).sum()
+            self._task = task_total + (c / n if n > 1 else c)
+            if n > 1:
+                self._transfer = self._transfer / n
         return total, torch.stack([t.detach() for t in terms]) if terms else logits.new_zeros(0)
 
     def _kind_loss(self, kind: str, s: int, gate, logits: torch.Tensor, src: Optional[torch.Tensor],
@@ -287,7 +299,7 @@ class GraphNode:
             return False
         self.optimizer.zero_grad(set_to_none=True)
         if self.mhgd_clip and self._transfer is not None:
-            self._clipped_backward(loss, self._transfer)
+            self._clipped_backward(self._task, self._transfer)
         else:
             loss.backward()
         if mark is not None:
@@ -298,17 +310,20 @@ class GraphNode:
             mark("optimizer")
         return True
 
-    def _clipped_backward(self, loss: torch.Tensor, transfer: torch.Tensor) -> None:
-        """MHGD's update: per parameter tensor, the task gradient (every other edge) plus the
-        mhgd gradient clipped to norm ``||task gradient|| * clip_ramp(epoch)`` (TensorFlow's
-        ``clip_by_norm``); weight decay is added by the optimiser, as the original adds it."""
+    def _clipped_backward(self, task: torch.Tensor, transfer: torch.Tensor) -> None:
+        """MHGD's update: per parameter tensor, the task gradient (the loss of every other
+        edge, ``task``) plus the mhgd gradient (of ``transfer``) clipped to norm
+        ``||task gradient|| * clip_ramp(epoch)`` (TensorFlow's ``clip_by_norm``); weight decay
+        is added by the optimiser, as the original adds it. A parameter neither loss reaches
+        keeps no gradient (the optimiser skips it, as after ``backward``)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        task = torch.autograd.grad(loss - transfer, params, retain_graph=True, allow_unused=True)
-        dist = torch.autograd.grad(transfer, params, allow_unused=True)
+        none = [None] * len(params)
+        grads = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True) if task.requires_grad else none
+        dist = torch.autograd.grad(transfer, params, allow_unused=True) if transfer.requires_grad else none
         ramp = clip_ramp(self.scheduler.last_epoch // self.steps_per_epoch)
-        for p, gt, gd in zip(params, task, dist):
-            gt = torch.zeros_like(p) if gt is None else gt
+        for p, gt, gd in zip(params, grads, dist):
             if gd is not None:
+                gt = torch.zeros_like(p) if gt is None else gt
                 bound = gt.norm() * ramp
                 norm = gd.norm()
                 gd = torch.where(norm > bound, gd * (bound / norm.clamp(min=1e-30)), gd)

@@ -105,22 +105,10 @@ def _check_checkpoint(i: int, model: str, key: str, path: str, data: Dataset) ->
         raise ConfigError(f"{where} does not fit a {model} for {data.name}: {' '.join(first[:3])[:400]}") from e
 
 
-def check_attention(graph, i: int, data: Dataset) -> None:
-    """``graph.nodes[i].attention``: a readable attention module of node i's network, and
-    every node that learns from it through mhgd has the same stage widths."""
+def check_mhgd_widths(graph, i: int, data: Dataset) -> None:
+    """Every node that learns from node i through mhgd has node i's stage widths."""
     n = graph.nodes[i]
-    where = f"graph.nodes[{i}].attention={n.attention}"
     widths = stage_widths(n.model, data.info.num_classes, data.info.in_channels)
-    if not os.path.isfile(n.attention):
-        raise ConfigError(f"{where}: file not found. Train it first (stage 1 of MHGD): "
-                          f"`python launch.py mode=attention graph=<this graph> dataset={data.name}`")
-    try:
-        _, meta = load_attention(n.attention)
-    except Exception as e:
-        raise ConfigError(f"{where}: not a readable attention module ({type(e).__name__}: {e})") from e
-    if list(meta.get("widths", [])) != widths or meta.get("model") not in (None, n.model):
-        raise ConfigError(f"{where} was trained on a {meta.get('model')} (stage widths {meta.get('widths')}), "
-                          f"not on node {i}'s {n.model} (stage widths {widths}); train it again with mode=attention")
     for t in range(graph.num_nodes):
         if t != i and "mhgd" in graph.edge_kinds(t, i):
             got = stage_widths(graph.nodes[t].model, data.info.num_classes, data.info.in_channels)
@@ -131,6 +119,43 @@ def check_attention(graph, i: int, data: Dataset) -> None:
                     f"({graph.nodes[t].model}) has {got}. Models with {widths}: "
                     + ", ".join(m for m in MODELS.names() if stage_widths(m, data.info.num_classes, data.info.in_channels) == widths)
                 )
+
+
+def check_attention(graph, i: int, data: Dataset) -> None:
+    """``graph.nodes[i].attention``: a readable attention module trained on node i's very
+    checkpoint (the file's digest, recorded by ``mode=attention``) and dataset, and every node
+    that learns from it through mhgd has the same stage widths."""
+    check_mhgd_widths(graph, i, data)
+    n = graph.nodes[i]
+    where = f"graph.nodes[{i}].attention={n.attention}"
+    widths = stage_widths(n.model, data.info.num_classes, data.info.in_channels)
+    again = f"`python launch.py mode=attention graph=<this graph> dataset={data.name}`"
+    if not os.path.isfile(n.attention):
+        raise ConfigError(f"{where}: file not found. Train it first (stage 1 of MHGD): {again}")
+    try:
+        _, meta = load_attention(n.attention)
+    except Exception as e:
+        raise ConfigError(f"{where}: not a readable attention module ({type(e).__name__}: {e})") from e
+    if list(meta.get("widths", [])) != widths or meta.get("model") not in (None, n.model):
+        raise ConfigError(f"{where} was trained on a {meta.get('model')} (stage widths {meta.get('widths')}), "
+                          f"not on node {i}'s {n.model} (stage widths {widths}); train it again with mode=attention")
+    if meta.get("checkpoint_sha256") not in (None, file_digest(n.checkpoint)):
+        raise ConfigError(f"{where} was trained on another version of graph.nodes[{i}].checkpoint={n.checkpoint} "
+                          f"(the file changed since); move the old module aside and train it again: {again}")
+    if meta.get("dataset") not in (None, data.name):
+        raise ConfigError(f"{where} was trained on dataset {meta['dataset']}, this run is on {data.name}; "
+                          f"train one for {data.name}: {again}")
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file (what an attention module records of its teacher's checkpoint)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def preflight(cfg: RunConfig, world_size: int) -> Dataset:

@@ -24,7 +24,7 @@ from actors.exchange import resolve_device
 from actors.files import load_model_weights
 from actors.mhgd import save_attention, train_attention
 from actors.models import build_model
-from actors.preflight import check_checkpoints, check_device, load_data
+from actors.preflight import check_checkpoints, check_device, check_mhgd_widths, file_digest, load_data
 from actors.worker import build_batch_maker, build_batch_order, steps_per_epoch
 
 log = logging.getLogger("attention")
@@ -50,6 +50,8 @@ def run_attention(cfg: RunConfig, say=print) -> dict[int, dict[str, Any]]:
     check_device(cfg, 1)
     data = load_data(cfg)
     check_checkpoints(cfg, data, attention=False)  # the attention files are what this writes
+    for s in nodes:
+        check_mhgd_widths(cfg.graph, s, data)
     device = resolve_device(cfg.device, 0)
     data = data.to(device)
     order, batches = build_batch_order(cfg, data), build_batch_maker(cfg, data, device)
@@ -71,8 +73,8 @@ def run_attention(cfg: RunConfig, say=print) -> dict[int, dict[str, Any]]:
 
         t0 = time.perf_counter()
         module, losses = train_attention(net, epoch_batches, epochs, lr, cfg.seed, log=say, device=device)
-        meta = {"model": n.model, "checkpoint": n.checkpoint, "dataset": data.name, "epochs": epochs, "lr": lr,
-                "seed": cfg.seed, "losses": losses}
+        meta = {"model": n.model, "checkpoint": n.checkpoint, "checkpoint_sha256": file_digest(n.checkpoint),
+                "dataset": data.name, "epochs": epochs, "lr": lr, "seed": cfg.seed, "losses": losses}
         path = save_attention(n.attention, module, meta)
         say(f"wrote {path} (estimation loss {losses[0]:.4f} -> {losses[-1]:.4f}, {time.perf_counter() - t0:.0f}s)")
         out[s] = {"path": str(path), "losses": losses}

@@ -44,7 +44,7 @@ log = logging.getLogger("ktg")
 METRIC = "target_val_acc"
 RECORD = "search_space.json"
 """What defines a search, written into the experiment folder when it starts; a resume checks it."""
-DEFINING = ("num_nodes", "target_model", "zoo", "models", "gates", "frozen", "teachers_dir", "extra",
+DEFINING = ("num_nodes", "target_model", "zoo", "models", "gates", "edge_kinds", "frozen", "teachers_dir", "extra",
             "num_samples", "max_epochs", "grace_period", "reduction_factor", "searcher",
             "cpus_per_node", "gpus_per_node", "processes_per_trial")
 """SearchConfig fields recorded and compared on resume: the space, the trial budget, ASHA's

@@ -355,7 +355,7 @@ def test_clipped_backward_adds_the_distillation_gradient_clipped_to_the_task_gra
         node.scheduler.last_epoch = epoch * node.steps_per_epoch
         task = sum((ai * p).sum() for i, (ai, p) in enumerate(zip(a, params)) if i != no_task)
         transfer = sum((di * p).sum() for i, (di, p) in enumerate(zip(d, params)) if i != no_dist)
-        node._clipped_backward(task + transfer, transfer)
+        node._clipped_backward(task, transfer)
         return [p.grad.clone() for p in params]
 
     for epoch, ramp in ((0, 0.5), (1, 1 / (1 + math.exp(-1))), (30, 1.0)):
@@ -660,9 +660,26 @@ def test_run_attention_writes_the_module_once_and_preflight_then_accepts_the_gra
     with pytest.raises(ConfigError, match=r"was trained on a resnet32 \(stage widths \[16, 32, 64\]\), not on node 1's "
                                           r"resnet20"):
         check_checkpoints(mhgd_config(files, other), data)
+    # ... and mode=attention refuses it before training anything
+    with pytest.raises(ConfigError, match=r"mhgd compares the two networks' stage features"):
+        run_attention(mhgd_config(files, tmp_path / "never.pt", receiver="convnet"), say=said.append)
+    assert not (tmp_path / "never.pt").exists()
     # a graph without mhgd edges has nothing to train
     with pytest.raises(ConfigError, match=r"mode=attention trains the attention modules of mhgd edges, and graph 'test' has none"):
         run_attention(small_config(["convnet", "convnet"], [[T, T], [T, T]]))
+    # a teacher checkpoint retrained in place: its module is stale, and refused
+    import shutil
+
+    teacher = tmp_path / "teacher.pt"
+    shutil.copy(files / "teacher.pt", teacher)
+    moved = mhgd_config(files, tmp_path / "att2.pt")
+    moved.graph.nodes[1].checkpoint = str(teacher)
+    run_attention(moved, say=said.append)
+    check_checkpoints(moved, data)
+    torch.manual_seed(9)
+    torch.save({"model": build_model("resnet20", 10, 1).state_dict(), "meta": {"model": "resnet20"}}, teacher)
+    with pytest.raises(ConfigError, match=r"was trained on another version of graph.nodes\[1\].checkpoint=.*train it again"):
+        check_checkpoints(moved, data)
 
 
 def test_an_mhgd_kind_on_a_cutoff_edge_is_inert(files):
@@ -698,5 +715,19 @@ def test_the_clip_treats_apart_exactly_the_mhgd_share_of_the_loss_under_mean_red
         ce, kl, mhgd = terms.tolist()
         assert math.isclose(loss.item(), ce + (kl + mhgd) / (2 if reduction == "mean" else 1), rel_tol=1e-5)
         assert math.isclose(node._transfer.item(), mhgd / (2 if reduction == "mean" else 1), rel_tol=1e-5)
+        assert math.isclose(node._task.item(), ce + kl / (2 if reduction == "mean" else 1), rel_tol=1e-5)
         parts[reduction] = mhgd
     assert parts["sum"] == pytest.approx(parts["mean"]) and parts["sum"] > 0
+
+
+def test_the_svd_gradient_of_a_rank_deficient_map_is_zeroed_not_nan():
+    """A stage map of rank below its size (here a 2 x 2 map with two dead pixels) has repeated
+    singular values, where the SVD's gradient is NaN: it is zeroed, and the rest is finite."""
+    torch.manual_seed(0)
+    fmap = torch.randn(3, 8, 2, 2)
+    fmap[0, :, 0, :] = 0.0                          # image 0: two of its four pixels dead
+    fmap.requires_grad_()
+    source = [torch.nn.functional.normalize(torch.randn(3, 8), dim=1)]
+    v = aligned_vectors([fmap], source)[0]
+    (v * torch.randn(3, 8)).sum().backward()
+    assert torch.isfinite(fmap.grad).all() and fmap.grad[1:].abs().sum() > 0
