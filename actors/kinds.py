@@ -38,23 +38,21 @@ class EdgeKind:
     """True: a kind of the diagonal (the node's own edge); False: of a cross edge s -> t."""
     needs: Optional[str]
     """What the source must send for it: ``logits``, ``embedding``, ``features`` or None."""
-    pairwise: bool
-    """A loss over pairs/triples of the batch's samples (one number per batch), not per sample."""
     weight: float
     """Default weight (``graph.kind_weights`` overrides)."""
 
 
 KINDS: dict[str, EdgeKind] = {k.name: k for k in (
-    EdgeKind("ce", True, None, False, 1.0),
-    EdgeKind("self", True, None, False, 1.0),
-    EdgeKind("kl", False, "logits", False, 1.0),
+    EdgeKind("ce", True, None, 1.0),
+    EdgeKind("self", True, None, 1.0),
+    EdgeKind("kl", False, "logits", 1.0),
     # RKD's base weights (lambda_D = 1, lambda_A = 2: the RKD paper's formulation and its code's
     # defaults). Its CIFAR-100 teacher -> student setting, 25 and 50, destabilises peers that
     # learn each other's relations from scratch (docs/edge-kinds.md, measured): set it with
     # graph.kind_weights when a frozen teacher feeds the relation edges.
-    EdgeKind("rkd_distance", False, "embedding", True, 1.0),
-    EdgeKind("rkd_angle", False, "embedding", True, 2.0),
-    EdgeKind("mhgd", False, "features", True, 1.0),
+    EdgeKind("rkd_distance", False, "embedding", 1.0),
+    EdgeKind("rkd_angle", False, "embedding", 2.0),
+    EdgeKind("mhgd", False, "features", 1.0),
 )}
 
 DIAGONAL_KINDS = tuple(k for k, v in KINDS.items() if v.diagonal)
