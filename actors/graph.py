@@ -12,7 +12,7 @@ searched for; it may not be frozen.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -211,11 +211,14 @@ class GraphSpec:
                 )
             if n.attention and not declared:
                 raise ConfigError(f"graph.nodes[{t}].attention is set but no mhgd edge leaves node {t}")
+
+    def _default_entry(self, t: int, s: int) -> tuple[str, ...]:
+        """What the edge s -> t carries in a graph without kinds."""
+        return ("ce",) if s == t else (self.loss,)
+
     def edge_kinds(self, t: int, s: int) -> tuple[str, ...]:
         """The kinds of the edge s -> t (``ce`` ... on the diagonal)."""
-        if self.kinds is None:
-            return ("ce",) if s == t else (self.loss,)
-        return tuple(self.kinds[t][s])
+        return self._default_entry(t, s) if self.kinds is None else tuple(self.kinds[t][s])
 
     def mhgd_option(self, key: str) -> Any:
         return {**MHGD_DEFAULTS, **(self.mhgd or {})}[key]
@@ -223,15 +226,18 @@ class GraphSpec:
     def kind_weight(self, kind: str) -> float:
         return (self.kind_weights or {}).get(kind, KINDS[kind].weight)
 
+    def _edges_needing(self, need: str) -> list[tuple[int, int]]:
+        """The live cross edges (s, t) with a kind that needs the source's ``need``."""
+        return [(s, t) for t in range(self.num_nodes) for s, _ in self.incoming(t)
+                if s != t and any(KINDS[k].needs == need for k in self.edge_kinds(t, s))]
+
     def senders(self, need: str) -> list[int]:
         """The nodes whose ``need`` (``embedding``, ``features``) some live edge into another node uses."""
-        return sorted({s for t in range(self.num_nodes) for s, _ in self.incoming(t)
-                       if s != t and any(KINDS[k].needs == need for k in self.edge_kinds(t, s))})
+        return sorted({s for s, _ in self._edges_needing(need)})
 
     def receivers(self, need: str) -> list[int]:
         """The nodes with a live incoming edge that uses ``need``."""
-        return sorted({t for t in range(self.num_nodes) for s, _ in self.incoming(t)
-                       if s != t and any(KINDS[k].needs == need for k in self.edge_kinds(t, s))})
+        return sorted({t for _, t in self._edges_needing(need)})
 
     @property
     def num_nodes(self) -> int:
@@ -252,8 +258,7 @@ class GraphSpec:
     def from_dict(cls, data: dict[str, Any]) -> "GraphSpec":
         if not isinstance(data, dict):
             raise ConfigError(f"graph must be a mapping, got {type(data).__name__}")
-        allowed = {"name", "nodes", "gates", "temperature", "loss", "reduction", "frozen_bn", "progress", "skip_zero_loss",
-                   "kinds", "kind_weights", "self_temperature", "mhgd"}
+        allowed = {f.name for f in fields(cls)}
         unknown = set(data) - allowed
         if unknown:
             raise ConfigError(f"graph has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -295,5 +300,4 @@ class GraphSpec:
 
     def _kind_note(self, t: int, s: int) -> str:
         kinds = self.edge_kinds(t, s)
-        default = ("ce",) if s == t else (self.loss,)
-        return "" if kinds == default else f"[{format_entry(kinds)}]"
+        return "" if kinds == self._default_entry(t, s) else f"[{format_entry(kinds)}]"

@@ -90,13 +90,12 @@ def parse_kinds(value: Any, m: int, cross: str = "kl") -> list[list[tuple[str, .
         return default_kinds(m, cross)
     if isinstance(value, str):
         every = parse_entry(value, "graph.kinds")
-        out = default_kinds(m, cross)
         diag = [k for k in every if KINDS[k].diagonal]
         if diag:
             raise ConfigError(f"graph.kinds={value!r}: one entry stands for every cross edge, so it may hold only "
                               f"the cross-edge kinds {', '.join(CROSS_KINDS)}; put {', '.join(diag)} on the diagonal "
                               "of a kinds matrix")
-        return [[out[t][s] if s == t else every for s in range(m)] for t in range(m)]
+        return [[("ce",) if s == t else every for s in range(m)] for t in range(m)]
     if not isinstance(value, (list, tuple)) or len(value) != m or any(
             not isinstance(row, (list, tuple)) or len(row) != m for row in value):
         shape = [len(r) if isinstance(r, (list, tuple)) else r for r in value] if isinstance(value, (list, tuple)) else value

@@ -87,13 +87,11 @@ def rkd_distance_loss(target_emb: torch.Tensor, source_emb: torch.Tensor,
     source's ``[B, D_s]`` (detached); D_t and D_s may differ."""
     s, t = target_emb.float(), source_emb.detach().float()
     b = s.shape[0]
-    keep, pairs = _pair_mask(keep, b, s)
+    keep, pairs = _pair_mask(keep, b, s)  # B^2 entries only: the mask costs nothing that shows
     off = pairs * (1 - torch.eye(b, dtype=s.dtype, device=s.device))
     with torch.no_grad():
         rt = _normalised_distances(t, off)
     rs = _normalised_distances(s, off)
-    if keep is None:  # every sample: the plain mean over the B^2 entries
-        return F.smooth_l1_loss(rs, rt)
     h = F.smooth_l1_loss(rs, rt, reduction="none")
     return (h * pairs).sum() / pairs.sum().clamp(min=1)
 
@@ -115,8 +113,8 @@ def rkd_angle_loss(target_emb: torch.Tensor, source_emb: torch.Tensor,
     keep, pairs = _pair_mask(keep, s.shape[0], s)
     triples = pairs.unsqueeze(2) * keep.view(1, 1, -1)
     h = F.smooth_l1_loss(_angles(s), at, reduction="none")
-    n = keep.sum()
-    return (h * triples).sum() / (n * n * n).clamp(min=1) * (n >= 2).to(h.dtype)
+    n = keep.sum()  # one kept sample: its only entry (i, i, i) is degenerate, 0
+    return (h * triples).sum() / (n * n * n).clamp(min=1)
 
 
 #: the pairwise kinds' losses: (receiver's embedding, source's embedding, keep mask) -> scalar

@@ -178,26 +178,24 @@ class GraphNode:
         self.model.train()
         return self._run(x)
 
+    def _autocast(self):
+        """bf16 autocast with ``train.precision=bf16``, else a context that does nothing."""
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
     def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            if self.needs_stages:
-                out = self.run_model(x, embedding=True, stages=True)
-            elif self.needs_embedding:
-                out = self.run_model(x, embedding=True)
-            else:
-                out = self.run_model(x)
-        if self.needs_stages:
-            res = {"logits": out[0].float(), "embedding": out[1].float(), "maps": out[2]}
+        with self._autocast():
+            out = self.run_model(x, embedding=self.needs_embedding or self.needs_stages, stages=self.needs_stages)
+        out = out if isinstance(out, tuple) else (out,)  # (logits[, embedding[, stage maps]])
+        res = {"logits": out[0].float()}
+        if len(out) > 1:
+            res["embedding"] = out[1].float()
+        if len(out) > 2:
+            res["maps"] = out[2]
             if self.sends_features:
                 res["features"] = source_vectors(out[2])
-        elif self.needs_embedding:
-            res = {"logits": out[0].float(), "embedding": out[1].float()}
-        else:
-            res = {"logits": out.float()}
         if self.self_teacher is not None:
-            with torch.no_grad(), torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
-                                                 enabled=self.autocast_dtype is not None):
+            with torch.no_grad(), self._autocast():
                 res["self_logits"] = self.self_teacher(x).float()
         return res
 
@@ -219,7 +217,7 @@ class GraphNode:
             for kind in kinds:
                 value = self._kind_loss(kind, s, gate, logits, src, labels, progress, own, received)
                 g = value if g is None else g + value
-                if kind != "mhgd":
+                if self.mhgd_clip and kind != "mhgd":
                     task = value if task is None else task + value
             if s == self.index:
                 label_term = g
@@ -227,19 +225,21 @@ class GraphNode:
                 cross.append(g)
                 task_cross.append(task if task is not None else logits.new_zeros(()))
             terms.append(g)
-        total = label_term if label_term is not None else logits.new_zeros(())
+        total = self._combine(label_term, cross, logits)
+        if self.mhgd_clip and self._transfer is not None:
+            # the clip needs the task loss and the mhgd loss apart, each as it enters the total
+            self._task = self._combine(label_term, task_cross, logits)
+            if self.reduction == "mean":
+                self._transfer = self._transfer / len(cross)
+        return total, torch.stack([t.detach() for t in terms]) if terms else logits.new_zeros(0)
+
+    def _combine(self, label_term: Optional[torch.Tensor], cross: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The label edge plus the cross edges, summed or (``graph.reduction=mean``) averaged."""
+        total = label_term if label_term is not None else like.new_zeros(())
         if cross:
             c = torch.stack(cross).sum()
             total = total + (c / len(cross) if self.reduction == "mean" else c)
-        if self.mhgd_clip and self._transfer is not None:
-            # the clip needs the task loss and the mhgd loss apart, each as it enters the total
-            n = len(cross) if self.reduction == "mean" else 1
-            task_total = label_term if label_term is not None else logits.new_zeros(())
-            c = torch.stack(task_cross).sum()
-            self._task = task_total + (c / n if n > 1 else c)
-            if n > 1:
-                self._transfer = self._transfer / n
-        return total, torch.stack([t.detach() for t in terms]) if terms else logits.new_zeros(0)
+        return total
 
     def _kind_loss(self, kind: str, s: int, gate, logits: torch.Tensor, src: Optional[torch.Tensor],
                    labels: torch.Tensor, progress: float, own, received) -> torch.Tensor:
@@ -255,21 +255,19 @@ class GraphNode:
         if kind == "self":
             per_sample = kl_loss(logits, own["self_logits"], temperature=self.self_temperature)
             return gate(per_sample, source_logits=None, labels=labels, progress=progress) * w
+        # the pairwise kinds (rkd_*, mhgd) are one number per batch: Correct keeps the samples the
+        # source got right when the relations are built; a time gate scales the number
+        keep = (src.argmax(dim=1) == labels).to(logits.dtype) if is_correct(gate) else None
         if kind == "mhgd":
             module = self.attention[s]
             source = split_vectors(received["features"][s], module.widths)
-            keep = (src.argmax(dim=1) == labels).to(logits.dtype) if is_correct(gate) else None
             value = graph_loss(module, aligned_vectors(own["maps"], source), source, keep)
-            g = gate(value.reshape(1), source_logits=None, labels=labels, progress=progress) * w
-            self._transfer = g if self._transfer is None else self._transfer + g
-            return g
-        if kind in PAIRWISE_LOSSES:
-            # a pairwise loss is one number per batch: Correct keeps the samples the source got
-            # right when the relations are built; a time gate scales the number
-            keep = (src.argmax(dim=1) == labels).to(logits.dtype) if is_correct(gate) else None
+        else:
             value = PAIRWISE_LOSSES[kind](own["embedding"], received["embedding"][s], keep)
-            return gate(value.reshape(1), source_logits=None, labels=labels, progress=progress) * w
-        raise ValueError(f"edge kind {kind!r} is not implemented by GraphNode")
+        g = gate(value.reshape(1), source_logits=None, labels=labels, progress=progress) * w
+        if kind == "mhgd":
+            self._transfer = g if self._transfer is None else self._transfer + g
+        return g
 
     def gate_weights(self, all_logits: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
         """The mean weight each incoming edge's gate put on this step's samples
