@@ -9,21 +9,37 @@ graph nodes; NCCL with one GPU per rank, gloo on CPU: the same code) and returns
   is packed into one flat byte buffer and all-gathered in **one** collective; every
   rank receives every node's tensors, stacked along a new leading node dimension. The
   received tensors carry no gradient.
-- ``broadcast`` (the coordinator's batch plan, from rank 0), ``gather_objects``
-  (per-epoch metrics), ``barrier``.
+- ``broadcast`` (rank 0's batch plan), ``gather_objects`` (per-epoch metrics),
+  ``broadcast_object``, ``barrier``. Under NCCL the object collectives and the barrier go
+  through a gloo group of the same ranks (pickles stay on the host, and gloo's blocking
+  calls time out on their own).
 
 Faults. A group that does not form in time raises ``RendezvousTimeoutError`` (which rank
 waited where, and for whom when the store can tell). Once formed, every rank beats a counter
 in the group's store once a second (a daemon thread; nothing on the step's path). A
-collective that fails (gloo: after its timeout when a peer hangs or is stopped, at once
-when a peer dies) raises ``GroupTimeoutError`` / ``CollectiveError`` after watching the
-beats for a window of ``diagnosis_window(dist_timeout_s)`` s; the message names the
-rank(s) whose beat stood still: the one(s) that did not answer. So that a hung group ends
-within ``dist_timeout_s``, the collectives' own timeout is ``dist_timeout_s`` less that
-window (for ``dist_timeout_s`` of at least twice the window; shorter ones are kept whole). Every diagnostic store call
-is bounded: the store may live in the very process that stopped (rank 0 under ``tcp://``;
-then that rank is named because its store did not answer either). The rank serving the
-store stays up to one more window, until the other survivors have read it.
+collective that fails raises ``GroupTimeoutError`` / ``CollectiveError`` after watching the
+beats for a window of ``diagnosis_window(dist_timeout_s)`` s; the message names the rank(s)
+whose beat stood still: the one(s) that did not answer. So that a hung group ends within
+``dist_timeout_s``, the collectives are given ``dist_timeout_s`` less that window (for
+``dist_timeout_s`` of at least twice the window; shorter ones are kept whole).
+
+- gloo (blocking collectives): the collective itself raises after that time when a peer
+  hangs or is stopped, at once when a peer dies, and the diagnosis runs in the failed call.
+- NCCL (asynchronous collectives: a call returns once queued, and the host blocks only at
+  its next synchronisation, where no exception can reach it): a ``CollectiveMonitor``
+  thread watches every collective this process issued. One that has not completed after
+  that time is diagnosed from the heartbeats, the named error is printed at once, the
+  group's NCCL communicators are aborted (which releases the blocked host), and the main
+  thread raises it at its next call here (``Exchange.failure`` lets the worker put it in
+  place of whatever the aborted collective's garbage made go wrong first). The error goes to
+  torchrun's error file too; if the main thread does not take it within
+  ``MONITOR_GRACE_S``, the monitor ends the process (exit 1). NCCL's own timeout is set beyond all that
+  (``nccl_timeout``), so its watchdog is only a backstop.
+
+Every diagnostic store call is bounded: the store may live in the very process that stopped
+(rank 0 under ``tcp://``; then that rank is named because its store did not answer either).
+The rank serving the store stays up to one more window, until the other survivors have read
+it.
 """
 from __future__ import annotations
 
@@ -31,8 +47,10 @@ import datetime
 import math
 import os
 import socket
+import sys
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +78,11 @@ BEAT_S = 1.0
 STORE_ANSWER_S = 2.0
 """How long a diagnostic store call may take beyond its own waiting before the store
 itself counts as not answering."""
+MONITOR_POLL_S = 0.1
+"""How often the ``CollectiveMonitor`` looks at the oldest collective still in flight."""
+MONITOR_GRACE_S = 10.0
+"""After aborting a stalled group, how long the monitor waits for the main thread to raise
+its error before it ends the process itself."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,12 @@ class DistEnv:
     store_host: int | None = None
     """The rank whose process serves ``store`` (rank 0 for ``tcp://``, and for ``env://``
     without torchrun's agent store); None when no rank does (torchrun's agent, a file)."""
+    host_group: Any = field(default=None, repr=False, compare=False)
+    """The gloo group of the same ranks that carries the object collectives and the barrier
+    under NCCL; None: the default group carries them."""
+    monitor: "CollectiveMonitor | None" = field(default=None, repr=False, compare=False)
+    """Watches the asynchronous (NCCL) collectives of this process; None: they block and
+    raise on their own (gloo)."""
 
 
 def free_port() -> int:
@@ -108,6 +137,7 @@ def init_distributed(
     backend: str = "auto",
     timeout_s: float = 300.0,
     rendezvous_timeout_s: float | None = None,
+    monitor: bool | None = None,
 ) -> DistEnv:
     """Start this process's membership of the group. ``init_method`` is e.g.
     ``env://`` (torchrun) or ``tcp://host:port`` (Ray actors, ``run_local``).
@@ -118,10 +148,15 @@ def init_distributed(
     may download) its data before it joins, so one may arrive minutes after another. A group
     that does not form in time raises ``RendezvousTimeoutError``, one line: this rank, where
     it waited, and the ranks that never checked in when the store can tell. Other failures
-    of the rendezvous (e.g. the port is taken) are raised as torch reports them."""
+    of the rendezvous (e.g. the port is taken) are raised as torch reports them.
+
+    ``monitor`` (default: with NCCL) watches the collectives from a ``CollectiveMonitor``
+    thread instead of relying on them to raise; ``True`` on gloo is how the tests run the
+    NCCL path's fault handling on a CPU."""
     dev = resolve_device(device, local_rank)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
+    watched = (backend == "nccl") if monitor is None else monitor
     kwargs: dict[str, Any] = {}
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # before init: NCCL binds this rank to its own GPU
@@ -182,12 +217,27 @@ def init_distributed(
         missing = _bounded(absent, STORE_ANSWER_S)
         raise not_formed(got, missing if isinstance(missing, list) else None) from got
     store.set_timeout(timeout)
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
+    # watched collectives: the backend's own timeout is only a backstop beyond the monitor's
+    pg_timeout = datetime.timedelta(seconds=nccl_timeout(timeout_s)) if watched else timeout
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=pg_timeout, **kwargs)
+    # pickled objects and the barrier over gloo: on the host, blocking, raising on a lost peer by themselves
+    host_group = dist.new_group(backend="gloo", timeout=timeout) if (backend != "gloo" or watched) and world_size > 1 else None
     env = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend,
-                  timeout_s=collective_s, diagnosis_s=diagnosis_s, store=store, store_host=_store_host(init_method))
+                  timeout_s=collective_s, diagnosis_s=diagnosis_s, store=store, store_host=_store_host(init_method),
+                  host_group=host_group)
     if world_size > 1:
         _start_heartbeat(store, beats[rank])
+        if watched:
+            env = _start_monitor(env)
     return env
+
+
+def nccl_timeout(timeout_s: float) -> float:
+    """The timeout given to a watched (NCCL) group itself: past ``dist_timeout_s``, the
+    diagnosis and the monitor's grace, so that NCCL's watchdog (which, under torchrun's and
+    Ray's async error handling, kills the process without a word about the peer) fires only
+    if the monitor could not act."""
+    return timeout_s + diagnosis_window(timeout_s) + STORE_ANSWER_S + MONITOR_GRACE_S + 30.0
 
 
 def diagnosis_window(timeout_s: float) -> float:
@@ -314,18 +364,25 @@ def env_from_torchrun() -> tuple[int, int, int]:
 
 def shutdown() -> None:
     _stop_heartbeat()
+    failed = _stop_monitor()
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        if failed:  # an aborted NCCL group: tearing it down may block; the process is ending anyway
+            _bounded(dist.destroy_process_group, 5.0)
+        else:
+            dist.destroy_process_group()
 
 
-def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor) -> None:
+def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, async_op: bool = False) -> Any:
     if hasattr(dist, "all_gather_single"):  # torch >= 2.13: all_gather_into_tensor is deprecated
-        dist.all_gather_single(out, inp)
-    else:
-        dist.all_gather_into_tensor(out, inp)
+        return dist.all_gather_single(out, inp, async_op=async_op)
+    return dist.all_gather_into_tensor(out, inp, async_op=async_op)
 
 
 _ALIGN = 16  # bytes
+MAX_PLANS = 8
+"""Payload layouts whose buffers an ``Exchange`` keeps (the least recently used go first): a
+run uses a handful (the step with and without the batch fingerprint, evaluation, the NaN
+check), and a warm search process meets new ones with every graph."""
 
 
 class _Plan:
@@ -354,12 +411,13 @@ class _Plan:
 
 class Exchange:
     """Collectives of one actor group. Works unchanged at world size 1, with or without a
-    process group (without one, a group of one: every collective is local)."""
+    process group (a group of one: every collective is local)."""
 
     def __init__(self, env: DistEnv):
         self.env = env
-        self._plans: dict[tuple, _Plan] = {}  # per payload layout: reused send/receive buffers
-        self.alone = env.world_size == 1 and not dist.is_initialized()
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()  # per payload layout: reused send/receive buffers
+        self.alone = env.world_size == 1
+        self._waits = 0  # wait_for_all calls so far (each waits on keys of its own)
 
     @property
     def rank(self) -> int:
@@ -368,6 +426,16 @@ class Exchange:
     @property
     def world_size(self) -> int:
         return self.env.world_size
+
+    def failure(self) -> CollectiveError | None:
+        """The monitor's error once it has aborted a stalled group (NCCL), else None: the
+        worker raises it in place of whatever the aborted collectives' garbage caused."""
+        monitor = self.env.monitor
+        return monitor.take() if monitor is not None and monitor.failure is not None else None
+
+    def release(self) -> None:
+        """Drop every layout's buffers (a warm process's next graph builds its own)."""
+        self._plans.clear()
 
     def all_gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One all-gather of several named tensors. Every rank must pass the same names,
@@ -380,32 +448,46 @@ class Exchange:
         plan = self._plans.get(layout)
         if plan is None:
             plan = self._plans[layout] = _Plan(layout, self.world_size)
+            while len(self._plans) > MAX_PLANS:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(layout)
         for (off, size), t in zip(plan.spans, tensors.values()):
             plan.send[off : off + size].copy_(t.detach().reshape(-1).view(torch.uint8))
-        if self.world_size > 1:
-            try:
-                _all_gather_flat(plan.recv_flat, plan.send)
-            except RuntimeError as e:
-                raise self._failed("all_gather", e) from e
+        if not self.alone:
+            self._collective("all_gather", lambda async_op: _all_gather_flat(plan.recv_flat, plan.send, async_op))
         return dict(plan.views)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """In-place broadcast from ``src``; other ranks pass a buffer of the same shape."""
-        if self.alone:
-            return tensor
-        try:
-            dist.broadcast(tensor, src=src)
-        except RuntimeError as e:
-            raise self._failed("broadcast", e) from e
+        if not self.alone:
+            self._collective("broadcast", lambda async_op: dist.broadcast(tensor, src=src, async_op=async_op))
         return tensor
+
+    def _collective(self, op: str, issue: Callable[[bool], Any]) -> None:
+        """Run a tensor collective: blocking (gloo: it raises on a lost peer), or issued
+        asynchronously and handed to the monitor (NCCL: ``work.wait()`` only makes this
+        rank's stream wait for it; the host goes on)."""
+        monitor = self.env.monitor
+        try:
+            if monitor is None:
+                issue(False)
+                return
+            monitor.check()
+            work = issue(True)
+            monitor.watch(op, work)
+            _wait(work)
+        except RuntimeError as e:  # gloo; NCCL under TORCH_NCCL_BLOCKING_WAIT=1, or after the monitor's abort
+            raise self._failed(op, e) from e
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's picklable ``obj``, in rank order (on every rank)."""
         if self.alone:
             return [obj]
+        self._check_monitor()
         out: list[Any] = [None] * self.world_size
         try:
-            dist.all_gather_object(out, obj)
+            dist.all_gather_object(out, obj, group=self.env.host_group)
         except RuntimeError as e:
             raise self._failed("gather_objects", e) from e
         return out
@@ -413,9 +495,10 @@ class Exchange:
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         if self.alone:
             return obj
+        self._check_monitor()
         box = [obj]
         try:
-            dist.broadcast_object_list(box, src=src)
+            dist.broadcast_object_list(box, src=src, group=self.env.host_group)
         except RuntimeError as e:
             raise self._failed("broadcast_object", e) from e
         return box[0]
@@ -423,35 +506,208 @@ class Exchange:
     def barrier(self) -> None:
         if self.alone:
             return
+        self._check_monitor()
         try:
-            dist.barrier()
+            dist.barrier(group=self.env.host_group)
         except RuntimeError as e:
             raise self._failed("barrier", e) from e
 
+    def wait_for_all(self, what: str, timeout_s: float) -> None:
+        """Every rank reaches this point, told through the group's store (on the host, no
+        collective, so no collective timeout): for work of unequal length before the first
+        collective, e.g. compiling. A ``CollectiveError`` after ``timeout_s`` names the ranks
+        that did not arrive."""
+        if self.alone or self.env.store is None:
+            return
+        self._waits += 1
+        store, env = self.env.store, self.env
+        keys = [f"ready/{what}/{self._waits}/{r}" for r in range(env.world_size)]
+
+        def arrive() -> None:
+            store.add(keys[env.rank], 1)
+            store.wait(keys, datetime.timedelta(seconds=timeout_s))
+
+        got = _bounded(arrive, timeout_s + STORE_ANSWER_S)
+        if got is _NO_ANSWER or isinstance(got, BaseException):
+            missing = _bounded(lambda: [r for r in range(env.world_size) if not store.check([keys[r]])], STORE_ANSWER_S)
+            who = _who(missing) if isinstance(missing, list) and missing else "a rank (the store did not say which)"
+            raise CollectiveError(f"rank {env.rank} of {env.world_size} waited {timeout_s:g} s for every rank to finish "
+                                  f"{what}: {who} did not (raise dist_timeout_s if {what} takes longer); the group stops")
+
+    def _check_monitor(self) -> None:
+        if self.env.monitor is not None:
+            self.env.monitor.check()
+
     def _failed(self, op: str, e: RuntimeError) -> RuntimeError:
-        """The error to raise for collective ``op`` that failed with ``e``: which ranks
-        stopped answering, told from their heartbeats (this takes a few seconds)."""
+        """The error to raise for collective ``op`` that failed with ``e``: the monitor's, when
+        it aborted the group; else which ranks stopped answering, told from their heartbeats
+        (this takes a few seconds)."""
         if isinstance(e, CollectiveError):
             return e
-        env = self.env
+        if self.env.monitor is not None and self.env.monitor.failure is not None:
+            return self.env.monitor.take()
         text = str(e).lower()
         timed_out = "timed out" in text or "timeout" in text  # gloo: "Timed out waiting 5000ms for recv ..."
-        what = (f"{op} timed out after {env.timeout_s:g} s" if timed_out else f"{op} failed") \
-            + f" on rank {env.rank} of {env.world_size}"
-        window = env.diagnosis_s
-        silent = _silent_ranks(env, window) if env.store is not None else None
-        if silent is None:
-            why = "which rank did not answer is unknown (no store to ask)"
-        elif isinstance(silent, list) and silent:
-            why = f"{_who(silent)} did not answer (no heartbeat for {window:g} s: stopped, hung, dead or cut off)"
-        elif isinstance(silent, list):
-            why = ("every rank still answers (a rank may be stuck in a loop or far behind)" if timed_out
-                   else "every rank still answers: no rank was lost (see the error above)")
-        elif silent is _NO_ANSWER and env.store_host is not None and env.store_host != env.rank:
-            why = (f"rank {env.store_host} did not answer (nor did the group's store, which rank {env.store_host} "
-                   f"serves, within {window + STORE_ANSWER_S:g} s: stopped, hung or cut off)")
-        elif silent is _NO_ANSWER:
-            why = f"which rank did not answer is unknown (the group's store did not answer within {window + STORE_ANSWER_S:g} s)"
-        else:
-            why = f"which rank did not answer is unknown (the group's store failed: {type(silent).__name__})"
-        return (GroupTimeoutError if timed_out else CollectiveError)(f"{what}: {why}; the group stops")
+        return diagnose(self.env, op, timed_out)
+
+
+def diagnose(env: DistEnv, op: str, timed_out: bool) -> CollectiveError:
+    """The error for collective ``op`` of this rank that timed out (or failed): which ranks
+    stopped answering, told by watching their heartbeats for ``env.diagnosis_s``."""
+    what = (f"{op} timed out after {env.timeout_s:g} s" if timed_out else f"{op} failed") \
+        + f" on rank {env.rank} of {env.world_size}"
+    window = env.diagnosis_s
+    silent = _silent_ranks(env, window) if env.store is not None else None
+    if silent is None:
+        why = "which rank did not answer is unknown (no store to ask)"
+    elif isinstance(silent, list) and silent:
+        why = f"{_who(silent)} did not answer (no heartbeat for {window:g} s: stopped, hung, dead or cut off)"
+    elif isinstance(silent, list):
+        why = ("every rank still answers (a rank may be stuck in a loop or far behind)" if timed_out
+               else "every rank still answers: no rank was lost (see the error above)")
+    elif silent is _NO_ANSWER and env.store_host is not None and env.store_host != env.rank:
+        why = (f"rank {env.store_host} did not answer (nor did the group's store, which rank {env.store_host} "
+               f"serves, within {window + STORE_ANSWER_S:g} s: stopped, hung or cut off)")
+    elif silent is _NO_ANSWER:
+        why = f"which rank did not answer is unknown (the group's store did not answer within {window + STORE_ANSWER_S:g} s)"
+    else:
+        why = f"which rank did not answer is unknown (the group's store failed: {type(silent).__name__})"
+    return (GroupTimeoutError if timed_out else CollectiveError)(f"{what}: {why}; the group stops")
+
+
+# --- the monitor of asynchronous (NCCL) collectives ----------------------------------------------
+
+
+class CollectiveMonitor:
+    """Watches the collectives one process issued on an asynchronous (NCCL) group.
+
+    An NCCL collective returns once it is queued on the GPU; if a peer never joins it, the
+    host blocks at its next synchronisation (a ``.item()``, the end of an epoch), where no
+    exception can reach it, until NCCL's watchdog kills the process without naming anyone.
+    This thread looks every ``MONITOR_POLL_S`` at the oldest collective still in flight
+    (``Work.is_completed``, a non-blocking event query). When one has been in flight for the
+    group's collective timeout, it diagnoses the group from the heartbeats (``diagnose``),
+    prints the named error and writes it to torchrun's error file (when there is one: its
+    failure summary then names the stopped rank), and calls ``abort`` (the NCCL
+    communicators'), which ends the stalled kernels and so releases the blocked host. The main
+    thread raises the error at its next collective (``check``), or the worker raises it in
+    place of what the aborted collective's garbage made go wrong (``Exchange.failure``).
+    Should the main thread not take it within ``grace_s``, the monitor ends the process with
+    exit code 1."""
+
+    def __init__(self, env: DistEnv, abort: Callable[[], None], grace_s: float | None = None):
+        self.env, self._abort = env, abort
+        self.grace_s = MONITOR_GRACE_S if grace_s is None else grace_s
+        self._pending: deque[tuple[str, Any, float]] = deque()  # (op, work, issued at); the main thread appends
+        self.failure: CollectiveError | None = None
+        self._taken = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ktg-collective-monitor", daemon=True)
+        self._thread.start()
+
+    def watch(self, op: str, work: Any) -> None:
+        """Collective ``op`` was issued (``work``: its ``dist.Work``)."""
+        self._pending.append((op, work, time.monotonic()))
+
+    def check(self) -> None:
+        """Raise the monitor's error if it has diagnosed a stalled collective."""
+        if self.failure is not None:
+            raise self.take()
+
+    def take(self) -> CollectiveError:
+        """The monitor's error, taken by the main thread (which will raise it)."""
+        self._taken.set()
+        return self.failure
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        if self.env.device.type == "cuda":
+            import torch.cuda
+
+            torch.cuda.set_device(self.env.device)  # the events it queries belong to this rank's GPU
+        while not self._stop.wait(MONITOR_POLL_S):
+            while self._pending and _completed(self._pending[0][1]):
+                self._pending.popleft()
+            if not self._pending:
+                continue
+            op, _, issued = self._pending[0]
+            if time.monotonic() - issued < self.env.timeout_s:
+                continue
+            self.failure = diagnose(self.env, op, timed_out=True)
+            # said first, whatever ends this process: on stderr, and in torchrun's error file
+            # (its failure summary then names the rank that stopped answering)
+            print(f"[rank {self.env.rank}] {type(self.failure).__name__}: {self.failure}", file=sys.stderr, flush=True)
+            _write_error_file(self.failure)
+            try:
+                self._abort()
+            except Exception as e:  # noqa: BLE001 - the grace below still ends the process
+                print(f"[rank {self.env.rank}] aborting the process group failed: {type(e).__name__}: {e}",
+                      file=sys.stderr, flush=True)
+            if not self._taken.wait(self.grace_s) and not self._stop.is_set():
+                os._exit(1)
+            return
+
+
+def _wait(work: Any) -> None:
+    """``work.wait()``: for NCCL the current stream waits for the collective, the host does
+    not (unless ``TORCH_NCCL_BLOCKING_WAIT=1``); gloo's blocks. The tests replace it to make
+    a gloo collective wait as an NCCL one does on the host: until it completes or is aborted."""
+    work.wait()
+
+
+def _completed(work: Any) -> bool:
+    try:
+        return bool(work.is_completed())
+    except Exception:  # noqa: BLE001 - a work that failed: the main thread sees its error
+        return True
+
+
+def _abort_backend(device: torch.device) -> Callable[[], None]:
+    """Abort the default group's communicators on ``device``'s backend (NCCL's
+    ``ncclCommAbort``: the kernels waiting for a lost peer return; the group is unusable)."""
+    def abort() -> None:
+        dist.group.WORLD._get_backend(device).abort()
+
+    return abort
+
+
+def _write_error_file(error: BaseException) -> None:
+    """torchrun's error file (``TORCHELASTIC_ERROR_FILE``, through torch's own handler), so
+    that its failure summary says why this worker exited; nothing outside torchrun."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        try:
+            ErrorHandler().record_exception(error)
+        except Exception:  # noqa: BLE001 - the message is on stderr already
+            pass
+
+
+_monitor: CollectiveMonitor | None = None
+
+
+def _start_monitor(env: DistEnv) -> DistEnv:
+    import dataclasses
+
+    global _monitor
+    _stop_monitor()
+    _monitor = CollectiveMonitor(env, _abort_backend(env.device))
+    env = dataclasses.replace(env, monitor=_monitor)
+    _monitor.env = env
+    return env
+
+
+def _stop_monitor() -> bool:
+    """Stop this process's monitor; whether it had aborted its group."""
+    global _monitor
+    failed = _monitor is not None and _monitor.failure is not None
+    if _monitor is not None:
+        _monitor.stop()
+        _monitor = None
+    return failed

@@ -233,3 +233,107 @@ def test_rank_whose_peer_never_comes_names_it(monkeypatch):
     assert re.match(rf"the process group did not form within 2 s: rank 1 of 2 waited at env:// "
                     rf"\(MASTER_ADDR:MASTER_PORT = 127\.0\.0\.1:{port}\) for rank 0, which never checked in; ", msg), msg
     assert took < 2.0 + 3.0, took
+
+
+# --- NCCL's asynchronous collectives, as the monitor sees them ------------------------------------
+
+
+def nccl_like_child(rank, world, port, timeout_s, results, abort_frees=True, error_file=None):
+    """A node stepping on a group whose collectives behave as NCCL's do on the host: a call
+    returns once queued, and the host then blocks (``_wait``, here a poll of the real gloo
+    work) until the collective completes, or until the group's communicators are aborted,
+    which is the only thing that frees it (``abort_frees=False``: not even that, as when the
+    abort itself hangs). The monitor, its deadline, its diagnosis, its abort call and the
+    main thread's raise are the trainer's own code."""
+    import actors.exchange as xm
+
+    aborted = threading.Event()
+
+    def wait(work):
+        while not work.is_completed():
+            if aborted.wait(0.01) and abort_frees:
+                raise RuntimeError("NCCL communicator was aborted on rank %d" % rank)
+        work.wait()
+
+    xm._wait = wait
+    xm._abort_backend = lambda device: aborted.set
+    xm.MONITOR_GRACE_S = 1.0
+    if error_file:
+        os.environ["TORCHELASTIC_ERROR_FILE"] = error_file
+    torch.set_num_threads(1)
+    try:
+        env = xm.init_distributed(rank, world, rank, f"tcp://127.0.0.1:{port}", "cpu", "gloo", timeout_s, monitor=True)
+        ex = xm.Exchange(env)
+        results.put((rank, "pid", os.getpid()))
+        try:
+            step = 0
+            while True:
+                ex.all_gather({"x": torch.full((8,), float(rank))})
+                step += 1
+                if step % 20 == 0:
+                    ex.gather_objects(step)  # over the host (gloo) group, as under NCCL
+                time.sleep(0.005)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            results.put((rank, "error", f"{type(e).__name__}: {e}", time.monotonic()))
+        finally:
+            xm.shutdown()
+        results.put((rank, "shut down", None, time.monotonic()))
+    except BaseException:  # noqa: BLE001 - reported to the test
+        results.put((rank, "error", traceback.format_exc(), time.monotonic()))
+
+
+def test_the_monitor_names_a_stopped_rank_when_collectives_do_not_raise(tmp_path):
+    """Under NCCL a collective never raises when a peer stops: the host just blocks. With the
+    collectives made to behave so (gloo's own timeout pushed past the monitor's, as the NCCL
+    group's is), rank 1 SIGSTOPped: the monitors of ranks 0 and 2 see their all-gather still
+    in flight after the collective timeout, name rank 1 from the heartbeats and abort. Rank 2,
+    freed by the abort, raises that error within dist_timeout_s; rank 0, whose abort frees
+    nothing, is ended by its monitor after the grace (exit code 1), the error in torchrun's
+    error file (so torchrun's failure summary names the stopped rank)."""
+    import actors.exchange as xm
+    from actors.exchange import free_port
+
+    timeout_s = 6.0
+    assert xm.nccl_timeout(timeout_s) > timeout_s + 3.0 + 2.0 + xm.MONITOR_GRACE_S  # NCCL's watchdog only as a backstop
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    error_file = tmp_path / "error.json"
+    kwargs = {0: {"abort_frees": False, "error_file": str(error_file)}}
+    procs = [ctx.Process(target=nccl_like_child, args=(r, 3, port, timeout_s, q), kwargs=kwargs.get(r, {}), daemon=True)
+             for r in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        pids = {}
+        while len(pids) < 3:
+            rank, kind, *rest = q.get(timeout=60)
+            assert kind == "pid", rest
+            pids[rank] = rest[0]
+        time.sleep(1.0)
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        errors = {}
+        while 2 not in errors or procs[0].exitcode is None:
+            try:
+                rank, kind, msg, at = q.get(timeout=1)
+            except Exception:  # noqa: BLE001 - queue.Empty: rank 0 ends without a word on the queue
+                assert time.monotonic() - stopped_at < 60
+                continue
+            if kind == "error":
+                errors[rank] = (msg, at - stopped_at)
+        procs[0].join(timeout=10)
+    finally:
+        for p in procs:
+            _release(p.pid)
+            p.join(timeout=10)
+    assert sorted(errors) == [2]
+    msg, after = errors[2]
+    # the collectives get 6 - 3 s, the heartbeats are watched for 3 s: named within dist_timeout_s
+    assert re.match(r"GroupTimeoutError: all_gather timed out after 3 s on rank 2 of 3: rank 1 did not answer "
+                    r"\(no heartbeat for 3 s", msg), msg
+    assert after < timeout_s + 2.0, (after, msg)  # plus polling and the exit
+    assert procs[0].exitcode == 1
+    record = json.loads(error_file.read_text())
+    assert re.match(r"GroupTimeoutError: all_gather timed out after 3 s on rank 0 of 3: rank 1 did not answer",
+                    record["message"]["message"]), record
