@@ -17,7 +17,7 @@ from actors.files import load_model_weights
 from actors.gates import GATES, gate_progress, is_correct
 from actors.graph import GraphSpec
 from actors.losses import EDGE_LOSSES, PAIRWISE_LOSSES, kl_loss, label_loss
-from actors.mhgd import aligned_vectors, clip_ramp, graph_loss, load_attention, source_vectors, split_vectors
+from actors.mhgd import aligned_vectors, clip_ramp, graph_loss, load_attention, receiver_vectors, source_vectors, split_vectors
 from actors.models import build_model
 
 
@@ -211,6 +211,8 @@ class GraphNode:
         terms, label_term, cross = [], None, []
         task_cross: list[torch.Tensor] = []  # with mhgd clipping: each cross edge without its mhgd term
         self._transfer = self._task = None
+        if self.attention and own is not None:  # the receiver's singular vectors, once for all its mhgd edges
+            own = {**own, "vectors": receiver_vectors(own["maps"])}
         for (s, gate, _), kinds in zip(self.edges, self.edge_kinds):
             src = None if s == self.index else all_logits[s]
             g = task = None
@@ -261,7 +263,7 @@ class GraphNode:
         if kind == "mhgd":
             module = self.attention[s]
             source = split_vectors(received["features"][s], module.widths)
-            value = graph_loss(module, aligned_vectors(own["maps"], source), source, keep)
+            value = graph_loss(module, aligned_vectors(own["vectors"], source), source, keep)
         else:
             value = PAIRWISE_LOSSES[kind](own["embedding"], received["embedding"][s], keep)
         g = gate(value.reshape(1), source_logits=None, labels=labels, progress=progress) * w
@@ -319,14 +321,21 @@ class GraphNode:
         grads = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True) if task.requires_grad else none
         dist = torch.autograd.grad(transfer, params, allow_unused=True) if transfer.requires_grad else none
         ramp = clip_ramp(self.scheduler.last_epoch // self.steps_per_epoch)
-        for p, gt, gd in zip(params, grads, dist):
-            if gd is not None:
-                gt = torch.zeros_like(p) if gt is None else gt
-                bound = gt.norm() * ramp
-                norm = gd.norm()
-                gd = torch.where(norm > bound, gd * (bound / norm.clamp(min=1e-30)), gd)
-                gt = gt + gd
-            p.grad = gt
+        # every parameter with an mhgd gradient at once (foreach kernels, not ~5 small ones per tensor)
+        both = [i for i, gd in enumerate(dist) if gd is not None]
+        if both:
+            gts = [grads[i] if grads[i] is not None else torch.zeros_like(params[i]) for i in both]
+            gds = [dist[i] for i in both]
+            bound = torch.stack(torch._foreach_norm(gts)) * ramp
+            norm = torch.stack(torch._foreach_norm(gds))
+            scale = torch.where(norm > bound, bound / norm.clamp(min=1e-30), torch.ones_like(norm))
+            torch._foreach_mul_(gds, list(scale.unbind()))
+            torch._foreach_add_(gts, gds)
+            grads = list(grads)
+            for i, g in zip(both, gts):
+                grads[i] = g
+        for p, g in zip(params, grads):
+            p.grad = g
 
     def skip_update(self) -> None:
         """A skipped step (non-finite loss, or a zero loss under ``graph.skip_zero_loss``):

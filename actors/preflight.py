@@ -11,7 +11,7 @@ from actors.config import RunConfig
 from actors.data import Dataset, DatasetError, load_dataset
 from actors.errors import ConfigError
 from actors.files import load_model_weights
-from actors.mhgd import load_attention
+from actors.mhgd import VECTOR_SIGN, load_attention
 from actors.models import MODELS, build_model, stage_widths
 from actors.placement import check_placement, resolve_placement
 
@@ -139,6 +139,9 @@ def check_attention(graph, i: int, data: Dataset) -> None:
     if list(meta.get("widths", [])) != widths or meta.get("model") not in (None, n.model):
         raise ConfigError(f"{where} was trained on a {meta.get('model')} (stage widths {meta.get('widths')}), "
                           f"not on node {i}'s {n.model} (stage widths {widths}); train it again with mode=attention")
+    if meta.get("vector_sign") != VECTOR_SIGN:
+        raise ConfigError(f"{where} was trained by an older version, on stage vectors of another sign convention (the "
+                          f"module reads their sign); move it aside and train it again: {again}")
     if meta.get("checkpoint_sha256") not in (None, file_digest(n.checkpoint)):
         raise ConfigError(f"{where} was trained on another version of graph.nodes[{i}].checkpoint={n.checkpoint} "
                           f"(the file changed since); move the old module aside and train it again: {again}")

@@ -15,7 +15,17 @@ from actors.exchange import DistEnv, Exchange
 from actors.files import load_model_weights
 from actors.graph import GraphSpec
 from actors.losses import rkd_angle_loss, rkd_distance_loss
-from actors.mhgd import AttentionModule, aligned_vectors, clip_ramp, graph_loss, load_attention, save_attention, source_vectors, svd_vectors
+from actors.mhgd import (
+    AttentionModule,
+    aligned_vectors,
+    clip_ramp,
+    graph_loss,
+    load_attention,
+    receiver_vectors,
+    save_attention,
+    source_vectors,
+    svd_vectors,
+)
 from actors.models import build_model
 from actors.node import GraphNode
 from actors.preflight import check_checkpoints, load_data
@@ -327,7 +337,7 @@ def test_svd_vectors_and_the_receivers_alignment_to_the_source():
     # the source is closest to -v_2: the receiver keeps its own v_2, with the source's sign
     src = -(0.8 * v[:, 2] + 0.6 * v[:, 0]).float()
     for sign in (1, -1):  # whatever sign the SVD gives v_2, one of the two needs the flip
-        [got] = aligned_vectors([fmap], [sign * src[None]])
+        [got] = aligned_vectors(receiver_vectors([fmap]), [sign * src[None]])
         assert torch.allclose(got[0].double(), -sign * v[:, 2], atol=1e-5)
     sent = source_vectors([fmap, fmap[:, :3]])
     assert sent.shape == (1, c + 3)
@@ -660,6 +670,14 @@ def test_run_attention_writes_the_module_once_and_preflight_then_accepts_the_gra
     with pytest.raises(ConfigError, match=r"was trained on a resnet32 \(stage widths \[16, 32, 64\]\), not on node 1's "
                                           r"resnet20"):
         check_checkpoints(mhgd_config(files, other), data)
+    # a module from before the stage vectors had a fixed sign (it reads their sign) is refused
+    blob = torch.load(path, weights_only=True)
+    del blob["meta"]["vector_sign"]
+    old = tmp_path / "old.pt"
+    torch.save(blob, old)
+    with pytest.raises(ConfigError, match=r"attention=.*old.pt was trained by an older version, on stage vectors of another "
+                                          r"sign convention .*; move it aside and train it again: `python launch.py mode=attention"):
+        check_checkpoints(mhgd_config(files, old), data)
     # ... and mode=attention refuses it before training anything
     with pytest.raises(ConfigError, match=r"mhgd compares the two networks' stage features"):
         run_attention(mhgd_config(files, tmp_path / "never.pt", receiver="convnet"), say=said.append)
@@ -720,14 +738,15 @@ def test_the_clip_treats_apart_exactly_the_mhgd_share_of_the_loss_under_mean_red
     assert parts["sum"] == pytest.approx(parts["mean"]) and parts["sum"] > 0
 
 
-def test_the_svd_gradient_of_a_rank_deficient_map_is_zeroed_not_nan():
+def test_the_vectors_gradient_of_a_rank_deficient_map_is_finite():
     """A stage map of rank below its size (here a 2 x 2 map with two dead pixels) has repeated
-    singular values, where the SVD's gradient is NaN: it is zeroed, and the rest is finite."""
+    (zero) singular values, where the SVD's gradient is NaN for the whole image: the vectors'
+    gradient is finite, and that image learns too."""
     torch.manual_seed(0)
     fmap = torch.randn(3, 8, 2, 2)
     fmap[0, :, 0, :] = 0.0                          # image 0: two of its four pixels dead
     fmap.requires_grad_()
     source = [torch.nn.functional.normalize(torch.randn(3, 8), dim=1)]
-    v = aligned_vectors([fmap], source)[0]
+    v = aligned_vectors(receiver_vectors([fmap]), source)[0]
     (v * torch.randn(3, 8)).sum().backward()
-    assert torch.isfinite(fmap.grad).all() and fmap.grad[1:].abs().sum() > 0
+    assert torch.isfinite(fmap.grad).all() and fmap.grad[1:].abs().sum() > 0 and fmap.grad[0].abs().sum() > 0
