@@ -105,7 +105,8 @@ class GraphNode:
         # (state dicts and checkpoints always use self.model, so they do not depend on it).
         self.run_model = torch.compile(self.model) if compile else self.model
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-        self.device_type = torch.device(device).type
+        self.device = torch.device(device)
+        self.device_type = self.device.type
         self.edges = [(s, GATES.get(g), g) for s, g in graph.incoming(index)]
         self.edge_kinds = [graph.edge_kinds(index, s) for s, _ in graph.incoming(index)]
         self.kind_weights = {k: graph.kind_weight(k) for ks in self.edge_kinds for k in ks}
@@ -177,6 +178,36 @@ class GraphNode:
                 return self._run(x)
         self.model.train()
         return self._run(x)
+
+    def warm_up(self, batch: torch.Tensor, eval_batch: torch.Tensor) -> None:
+        """Run the step's forward (and, learning, a backward) and the evaluation's forward
+        once, so that a compiled model compiles all its graphs now; the node is left as it
+        was: BatchNorm statistics restored, no gradient kept, no random number drawn."""
+        saved = [b.clone() for b in self.model.buffers()]
+        devices = [self.device] if self.device_type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            out = self.outputs(batch)
+            if not self.frozen:
+                leaves = [t for v in out.values() for t in (v if isinstance(v, list) else [v]) if t.requires_grad]
+                torch.stack([t.float().sum() for t in leaves]).sum().backward()
+                self.model.zero_grad(set_to_none=True)
+            self.predict(eval_batch)
+        with torch.no_grad():
+            for b, v in zip(self.model.buffers(), saved):
+                b.copy_(v)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits (float32) through the module the training step runs (the compiled
+        one with ``train.compile``) under the same autocast, on a batch in the training
+        batches' memory format (``BatchMaker.plain``): evaluation is as fast as the step."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._autocast():
+                return self.run_model(x).float()
+        finally:
+            self.model.train(was_training)
 
     def _autocast(self):
         """bf16 autocast with ``train.precision=bf16``, else a context that does nothing."""

@@ -15,6 +15,32 @@ from actors.files import NodeStateFiles
 from actors.metrics import NodeEpochMetrics
 
 
+def ray_device(wanted: str, gpu_ids: list, visible: Optional[str]) -> tuple[str, int]:
+    """(device, CUDA index) of a node actor, from the GPUs Ray assigned it (``gpu_ids``:
+    ``ray.get_gpu_ids()``) and the ``CUDA_VISIBLE_DEVICES`` its process sees (``visible``).
+
+    Ray normally sets ``CUDA_VISIBLE_DEVICES`` to the actor's own GPUs, so its GPU is
+    ``cuda:0``; with ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` it does not, and the GPU
+    is found by its id among those visible (all of them when the variable is unset). An
+    actor given no GPU (``search.gpus_per_node=0``) runs on the CPU, even on a GPU machine
+    where it would see every GPU (Ray 2.60 leaves ``CUDA_VISIBLE_DEVICES`` unset for 0-GPU
+    workers), unless ``device=cuda`` asks for one, which is refused."""
+    from actors.errors import ConfigError
+
+    if not gpu_ids or wanted == "cpu":
+        if wanted == "cuda":
+            raise ConfigError("device=cuda: Ray gave this node actor no GPU (search.gpus_per_node=0, or a cluster "
+                              "without GPUs); set search.gpus_per_node (e.g. 1), or device=auto / device=cpu")
+        return "cpu", 0
+    mine = str(gpu_ids[0])
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else None
+    if ids is None:
+        return "cuda", int(mine)
+    if mine not in ids:
+        raise RuntimeError(f"Ray gave this actor GPU {mine}, which is not among CUDA_VISIBLE_DEVICES={visible}")
+    return "cuda", ids.index(mine)
+
+
 class NodeActor:
     """Graph node ``rank`` of a group of ``world_size`` actors."""
 
@@ -34,11 +60,17 @@ class NodeActor:
         return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
 
     def setup(self, init_method: str, states: Optional[dict[int, dict[str, Any]]] = None) -> int:
+        import os
+
+        import ray
+
         from actors.start import start_node
 
-        # Ray gives each actor its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES), hence local rank 0;
-        # one torch thread per actor unless train.num_threads says otherwise.
-        self.worker = start_node(self.cfg, self.rank, self.world_size, 0, init_method, self.files, default_threads=1)
+        # the device is the GPU Ray gave this actor (none: the CPU), never assumed; one torch
+        # thread per actor unless train.num_threads says otherwise
+        device, index = ray_device(self.cfg.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        self.worker = start_node(self.cfg, self.rank, self.world_size, index, init_method, self.files, default_threads=1,
+                                 device=device)
         if states is not None:
             self.worker.load_states(states)
         return self.worker.steps_per_epoch

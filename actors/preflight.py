@@ -28,21 +28,25 @@ def check_world_size(cfg: RunConfig, world_size: int) -> None:
         check_placement(cfg.placement, m, world_size)
 
 
-def check_device(cfg: RunConfig, local_world_size: Optional[int] = None) -> None:
-    """``device=cuda`` and ``backend=nccl`` need a CUDA device here, and a CUDA run one GPU
-    per process on this machine. ``local_world_size``: the processes on this machine
-    (default: torchrun's ``LOCAL_WORLD_SIZE``; unknown, e.g. in a Ray actor that sees only
-    its own GPUs: not checked)."""
+def check_device(cfg: RunConfig, local_world_size: Optional[int] = None, device: Optional[str] = None) -> None:
+    """``device=cuda`` and ``backend=nccl`` need a CUDA device here, a CUDA run one GPU per
+    process on this machine, and ``train.precision=bf16`` on CUDA a GPU with native bf16.
+    ``local_world_size``: the processes on this machine (default: torchrun's
+    ``LOCAL_WORLD_SIZE``; unknown, e.g. in a Ray actor that sees only its own GPUs: not
+    checked). ``device``: the device this process will use when its launcher chose it (a Ray
+    actor: from the GPUs Ray gave it), instead of ``cfg.device``."""
     cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and not cuda:
+    wanted = device or cfg.device
+    if wanted == "cuda" and not cuda:
         raise ConfigError("device=cuda: no CUDA device is visible here (torch.cuda.is_available() is false); "
                           "use device=cpu, or device=auto (CUDA where there is one, else CPU)")
-    if cfg.backend == "nccl" and not cuda:
+    if cfg.backend == "nccl" and (not cuda or wanted == "cpu"):
         raise ConfigError("backend=nccl needs a CUDA device and none is visible here (torch.cuda.is_available() is false); "
                           "use backend=gloo, or backend=auto (nccl on CUDA, gloo on CPU)")
     if local_world_size is None and os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
         local_world_size = int(os.environ["LOCAL_WORLD_SIZE"])
-    if cuda and cfg.device in ("cuda", "auto") and local_world_size is not None:
+    on_cuda = cuda and wanted in ("cuda", "auto")
+    if on_cuda and local_world_size is not None:
         gpus = torch.cuda.device_count()
         if local_world_size > gpus:
             picked = "device=cuda" if cfg.device == "cuda" else "device=auto (CUDA here)"
@@ -50,6 +54,13 @@ def check_device(cfg: RunConfig, local_world_size: Optional[int] = None) -> None
                 f"{picked} needs one GPU per graph node, but {local_world_size} processes run on this machine and "
                 f"{gpus} CUDA device(s) are visible; use device=cpu, or run the graph where there are {local_world_size} GPUs"
             )
+    if on_cuda and cfg.train.precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        major, minor = torch.cuda.get_device_capability()
+        raise ConfigError(
+            f"train.precision=bf16: this GPU ({torch.cuda.get_device_name()}, compute capability {major}.{minor}) has no "
+            "native bfloat16 (compute capability 8.0 or newer has: A100, H100, L4, RTX 30xx and later); use "
+            "train.precision=fp32"
+        )
 
 
 def load_data(cfg: RunConfig) -> Dataset:
@@ -161,10 +172,11 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def preflight(cfg: RunConfig, world_size: int) -> Dataset:
-    """All input checks; returns the loaded (CPU) dataset for the worker to use."""
+def preflight(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> Dataset:
+    """All input checks; returns the loaded (CPU) dataset for the worker to use. ``device``:
+    the device chosen by the launcher (``check_device``)."""
     check_world_size(cfg, world_size)
-    check_device(cfg)
+    check_device(cfg, device=device)
     data = load_data(cfg)
     check_checkpoints(cfg, data)
     return data

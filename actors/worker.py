@@ -15,7 +15,9 @@ One training step of node t (of M), each part named as in the design:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import time
 from typing import Any, Callable, Optional
 
@@ -33,6 +35,8 @@ from actors.node import GraphNode
 from actors.progress import EpochProgress
 from actors.timing import NO_TIMER
 
+log = logging.getLogger("ktg")
+
 
 class BatchMaker:
     """Turns plan rows into the float batch a node trains on (same on every node)."""
@@ -46,11 +50,19 @@ class BatchMaker:
         idx = rows[:, PERM]
         x = to_float(self.split.x[idx])
         x = augment(x, rows[:, DY : DX + 1], rows[:, FLIP].bool() if self.flip else None, self.pad, self.pad_mode)
+        return self._finish(x), self.split.y[idx]
+
+    def plain(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> the float batch a node takes, without augmentation (evaluation):
+        the same normalisation and memory format as the training batches."""
+        return self._finish(to_float(images))
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is not None:
             x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, self.split.y[idx]
+        return x
 
 
 def build_batch_maker(cfg: RunConfig, data: Dataset, device: torch.device) -> BatchMaker:
@@ -78,18 +90,18 @@ def build_node(cfg: RunConfig, data: Dataset, index: int, steps_per_epoch: int, 
                      cfg.train.channels_last, cfg.train.compile)
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, split: Split, batch_size: int, batch_maker: BatchMaker) -> torch.Tensor:
-    """Logits of a whole split in eval mode, without augmentation."""
-    was_training = model.training
-    model.eval()
+def predict(node: GraphNode, split: Split, batch_size: int, batch_maker: BatchMaker, fixed: bool = False) -> torch.Tensor:
+    """Logits of a whole split in eval mode, without augmentation, through the node's own
+    forward (``GraphNode.predict``: the compiled model, autocast, the batches' memory
+    format). ``fixed``: the last, partial batch is padded to ``batch_size`` (a compiled model
+    then sees one shape, and compiles once)."""
     outs = []
     for i in range(0, len(split), batch_size):
-        x = to_float(split.x[i : i + batch_size])
-        if batch_maker.mean is not None:
-            x = (x - batch_maker.mean.view(1, -1, 1, 1)) / batch_maker.std.view(1, -1, 1, 1)
-        outs.append(model(x).float())
-    model.train(was_training)
+        images = split.x[i : i + batch_size]
+        n = images.shape[0]
+        if fixed and n < batch_size:
+            images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
+        outs.append(node.predict(batch_maker.plain(images))[:n])
     return torch.cat(outs)
 
 
@@ -162,6 +174,18 @@ class BatchCheck:
         return None if step < 0 else (step, [i for i, b in enumerate(self.differ.tolist()) if b])
 
 
+def to_host(obj: Any) -> Any:
+    """``obj`` (nested dicts, lists, tuples of tensors and plain values) with every tensor on
+    the CPU: a device tensor is copied, a CPU one kept as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu() if obj.device.type != "cpu" else obj
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
 def one_node_per_process(num_nodes: int) -> list[list[int]]:
     return [[t] for t in range(num_nodes)]
 
@@ -219,6 +243,7 @@ class NodeWorker:
         self.epoch = 0  # epochs completed
         self.first_step_at: Optional[float] = None  # wall clock (time.time) of the first step
         self.timer = NO_TIMER  # the benchmark attaches an actors.timing.StepTimer
+        self._frozen_logits: dict[tuple[int, str], torch.Tensor] = {}  # (node, split) -> eval logits of a frozen node
 
     @property
     def node(self) -> GraphNode:
@@ -408,21 +433,71 @@ class NodeWorker:
     def run_epoch(self, epoch: int, checkpoint: bool = False) -> list[NodeEpochMetrics]:
         """Train one epoch and evaluate; with ``checkpoint``, then write each hosted node's
         share of the group checkpoint. Returns each hosted node's metrics of the epoch."""
-        trained = self.train_epoch(epoch)
-        evaluated = self.evaluate()
+        with self.named_failures():
+            trained = self.train_epoch(epoch)
+            evaluated = self.evaluate()
         metrics = [dataclasses.replace(m, **e, first_step_at=self.first_step_at) for m, e in zip(trained, evaluated)]
         if checkpoint:
             self.save_group_checkpoint()
         return metrics
+
+    def compile(self) -> None:
+        """``train.compile``: compile every hosted node's forward and backward, and its eval
+        forward, on batches of the run's shapes now (``GraphNode.warm_up``), before the first
+        step, so that no process compiles while the others wait in a collective; the nodes
+        are left as they were. Dynamo's recompile limit is raised to what the hosted nodes
+        need, and reaching it is an error, never a silent fall back to eager."""
+        import torch._dynamo
+
+        t0 = time.perf_counter()
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 8 * len(self.nodes))
+        config.fail_on_recompile_limit_hit = True
+        b = self.cfg.train.batch_size
+        rows = torch.zeros(b, 4, dtype=torch.int64, device=self.device)  # the first b images, not augmented
+        rows[:, PERM] = torch.arange(b, device=self.device)
+        batch, _ = self.batches(rows)  # through the step's own batch path: the same shapes and strides
+        n = self.cfg.train.eval_batch_size
+        images = self.data.train.x[:n]
+        if images.shape[0] < n:  # evaluation pads its last batch to this shape too (predict(fixed=True))
+            images = torch.cat([images, images.new_zeros((n - images.shape[0], *images.shape[1:]))])
+        eval_batch = self.batches.plain(images)
+        for node in self.nodes:
+            node.warm_up(batch, eval_batch)
+        if self.rank == 0:
+            log.info(f"train.compile: compiled node(s) {self.hosted} in {time.perf_counter() - t0:.1f} s"
+                     + (f"; waiting for the other {self.env.world_size - 1} process(es) to compile theirs"
+                        if self.env.world_size > 1 else ""))
+
+    def release(self) -> None:
+        """Let go of the nodes (models, optimisers), the data and the exchange's buffers: a
+        warm process's next worker is built once this one's tensors are gone."""
+        self.nodes = []
+        self._frozen_logits = {}
+        self.data = self.batches = None
+        self.exchange.release()
+
+    @contextlib.contextmanager
+    def named_failures(self):
+        """Under NCCL, once the collective monitor has aborted a stalled group, the collectives
+        that were in flight hand back garbage, and whatever that makes fail first (a batch
+        mismatch, a NaN, an allocation) is not the cause: raise the monitor's error, which
+        names the rank that stopped answering, in its place."""
+        try:
+            yield
+        except Exception as e:
+            failure = self.exchange.failure()
+            if failure is not None and failure is not e:
+                raise failure from e
+            raise
 
     # --- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self) -> list[dict[str, Any]]:
         """Val and test accuracy of each hosted node, and of the ensemble (mean softmax of
         all nodes, through one all-gather of the eval logits)."""
-        bs = self.cfg.train.eval_batch_size
         splits = {k: s for k, s in {"val": self.data.val, "test": self.data.test}.items() if s is not None}
-        logits = {k: [predict(n.model, s, bs, self.batches) for n in self.nodes] for k, s in splits.items()}
+        logits = {k: [self._predict(n, k, s) for n in self.nodes] for k, s in splits.items()}
         every = self.gather_nodes(logits)
         ensemble = {k: accuracy(torch.softmax(every[k].float(), dim=2).mean(0), s.y) for k, s in splits.items()}
         out = []
@@ -432,6 +507,17 @@ class NodeWorker:
                 row[f"{k}_acc"] = accuracy(logits[k][j], s.y)
                 row[f"ensemble_{k}_acc"] = ensemble[k]
             out.append(row)
+        return out
+
+    def _predict(self, node: GraphNode, name: str, split: Split) -> torch.Tensor:
+        """A node's logits on split ``name``. A frozen node whose BatchNorm keeps its stored
+        statistics (``graph.frozen_bn=eval``) never changes: it is evaluated once per run."""
+        kept = node.frozen and node.frozen_bn == "eval"
+        if kept and (node.index, name) in self._frozen_logits:
+            return self._frozen_logits[(node.index, name)]
+        out = predict(node, split, self.cfg.train.eval_batch_size, self.batches, fixed=self.cfg.train.compile)
+        if kept:
+            self._frozen_logits[(node.index, name)] = out
         return out
 
     # --- state ----------------------------------------------------------------------------------
@@ -447,9 +533,12 @@ class NodeWorker:
         }
 
     def states(self) -> dict[int, dict[str, Any]]:
-        """Each hosted node's whole state, by node index."""
+        """Each hosted node's whole state, by node index, on the host: it travels to a search
+        trial's driver, which has no GPU (and must not open a CUDA context on another trial's
+        GPU to unpickle one), and is written to disk from there."""
         rng = torch.get_rng_state()
-        return {n.index: {**n.state_dict(), "step": self.step, "epoch": self.epoch, "meta": self.meta(n), "torch_rng": rng}
+        return {n.index: to_host({**n.state_dict(), "step": self.step, "epoch": self.epoch, "meta": self.meta(n),
+                                  "torch_rng": rng})
                 for n in self.nodes}
 
     def load_states(self, states: dict[int, dict[str, Any]]) -> None:

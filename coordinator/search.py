@@ -116,6 +116,10 @@ class GraphTrial(Trainable):
     cannot run the next graph, is shut down and the next trial starts a fresh one."""
 
     def setup(self, config: dict[str, Any], base: dict[str, Any], space: SearchConfig, experiment: str) -> None:
+        # the trial's driver holds no GPU (its bundle is 1 CPU) and handles states on the host
+        # only; Ray 2.60 leaves CUDA_VISIBLE_DEVICES unset for it, so hide the machine's GPUs
+        # (a CUDA context here would sit on a GPU of another trial)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
         self.base, self.space, self.experiment = base, space, experiment
         self.group = None
         self.recorder = None
@@ -157,12 +161,8 @@ class GraphTrial(Trainable):
         if self.group is not None:
             log.info(f"[search] trial {self.trial_id}: a new actor group ({why})")
             self._discard_group()
-        gpus = space.gpus_per_node
-        if gpus is None:
-            import ray
-
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        self.group = ActorGroup(self.cfg, str(self.run_dir), get_current_placement_group(), space.cpus_per_node, gpus,
+        self.group = ActorGroup(self.cfg, str(self.run_dir), get_current_placement_group(), space.cpus_per_node,
+                                space.gpus_per_node,
                                 processes=space.processes)
         self.warm = False
 
@@ -270,10 +270,13 @@ class Progress(Callback):
     """Whether the trials Tune restored have been counted (a class default: a Progress that an
     older version pickled into tuner.pkl has no such attribute)."""
 
-    def __init__(self, total: int, max_epochs: int = 0, every_s: float = 30.0):
+    def __init__(self, total: int, max_epochs: int = 0, every_s: float = 30.0, bundles: Optional[list[dict]] = None,
+                 pending_after_s: float = 10.0):
         self.total, self.max_epochs, self.every_s = total, max_epochs, every_s
         self.done, self.best, self.best_trial = 0, -1.0, None
         self.t0 = self.last = time.monotonic()
+        self.bundles, self.pending_after_s = bundles, pending_after_s
+        self.stalled_since: Optional[float] = None  # trials pending and none running since then
 
     def adopt(self, trials) -> None:
         """Count the trials that ended in earlier attempts and take the best val accuracy any
@@ -324,15 +327,38 @@ class Progress(Callback):
 
     def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()
+        running = [t for t in trials if t.status == "RUNNING"]
+        pending = [t for t in trials if t.status == "PENDING"]
+        self.stalled_since = (self.stalled_since or now) if pending and not running else None
+        if self.stalled_since is not None and now - self.stalled_since >= self.pending_after_s \
+                and (now - self.last >= self.every_s or not getattr(self, "_told", False)):
+            self._told, self.last = True, now
+            print(self._waiting(len(pending), now - self.stalled_since), flush=True)
+            return
         if now - self.last < self.every_s:
             return
         self.last = now
-        running = [t for t in trials if t.status == "RUNNING"]
         epochs = ", ".join(str((t.last_result or {}).get("epoch", 0)) for t in running[:8]) + (", ..." if len(running) > 8 else "")
         best = f"best val {self.best:.2f} ({self.best_trial})" if self.best_trial else "no result yet"
         el = int(now - self.t0)
         print(f"[search] {el // 3600}:{el % 3600 // 60:02d}:{el % 60:02d} | {len(running)} running"
               + (f" (at epochs {epochs})" if running else "") + f" | {self.done}/{self.total} done | {best}", flush=True)
+
+
+    def _waiting(self, pending: int, for_s: float) -> str:
+        """What the pending trials wait for: their resources, and what the cluster has free."""
+        import ray
+
+        need = ""
+        if self.bundles:
+            total: dict[str, float] = {}
+            for b in self.bundles:
+                for k, v in b.items():
+                    total[k] = total.get(k, 0) + v
+            need = f"; each needs {_resources(total)}"
+        free = _resources(ray.available_resources())
+        return (f"[search] {pending} trial(s) pending and none running for {for_s:.0f} s{need}; the Ray cluster has "
+                f"{free} free (a trial waits until its whole placement group fits)")
 
 
 def _trial_dirname(trial) -> str:
@@ -352,6 +378,60 @@ def _init_ray(space: SearchConfig) -> None:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=space.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def trial_bundles(space: SearchConfig) -> list[dict[str, float]]:
+    """Each trial's placement group: 1 CPU for its driver, then one bundle per process. Sets
+    ``space.gpus_per_node`` when it is null: 1 if the Ray cluster has GPUs, else 0."""
+    import ray
+
+    if space.gpus_per_node is None:
+        space.gpus_per_node = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    return [{"CPU": 1}] + [{"CPU": space.cpus_per_node, "GPU": space.gpus_per_node}] * space.processes
+
+
+def _resources(r: dict[str, float]) -> str:
+    shown = {k: v for k, v in r.items() if k in ("CPU", "GPU") and v}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in shown.items()) + "}" if shown else "{}"
+
+
+def unplaceable(bundles: list[dict[str, float]], machines: list[dict[str, float]]) -> Optional[str]:
+    """Why a trial of ``bundles`` can never start on a cluster of ``machines`` (each one's
+    total resources), or None: a bundle that no machine can hold, or more in all than the
+    cluster has (Tune would keep such a trial pending for good)."""
+    need: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            need[k] = need.get(k, 0) + v
+    total = {k: sum(m.get(k, 0) for m in machines) for k in need}
+    trial = (f"a trial needs {_resources(need)} (1 CPU for its driver + {len(bundles) - 1} process(es) x "
+             f"{_resources(bundles[-1])})")
+    if any(total[k] < v for k, v in need.items() if v):
+        return f"{trial}, but the Ray cluster has {_resources(total)} in all"
+    for b in bundles[1:]:
+        if not any(all(m.get(k, 0) >= v for k, v in b.items() if v) for m in machines):
+            largest = max(machines, key=lambda m: (m.get("GPU", 0), m.get("CPU", 0)), default={})
+            return f"{trial}, and no machine of the Ray cluster can hold one process's {_resources(b)} (the largest has " \
+                   f"{_resources(largest)})"
+    return None
+
+
+def check_resources(bundles: list[dict[str, float]], space: SearchConfig) -> None:
+    """Refuse a search whose trials the cluster can never place (``unplaceable``), before
+    Tune starts: on a cluster this command started, at once; on a cluster at
+    ``search.address``, which an autoscaler may grow, with a warning (and the search's
+    status line says what its trials wait for)."""
+    import ray
+
+    machines = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    why = unplaceable(bundles, machines)
+    if why is None:
+        return
+    fix = ("set search.gpus_per_node=0 (or null: GPUs only where the cluster has them), fewer search.cpus_per_node or "
+           "search.processes_per_trial, or a larger search.num_cpus")
+    if not (space.address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError(f"{why}: its trials would wait for good; {fix}")
+    log.warning(f"[search] {why}: unless the cluster grows, its trials will wait for good; {fix}")
 
 
 def _base_dict(base: dict[str, Any]) -> dict[str, Any]:
@@ -469,16 +549,12 @@ def run_search(space: SearchConfig, base: dict[str, Any], out_dir: str | Path, s
     experiment = out_dir.name
     _init_ray(space)
 
+    bundles = trial_bundles(space)  # resolves search.gpus_per_node=null for the trials too
+    check_resources(bundles, space)
     trainable = tune.with_parameters(GraphTrial, base=base, space=space, experiment=experiment)
-    gpus = space.gpus_per_node
-    if gpus is None:
-        import ray
-
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    bundles = [{"CPU": 1}] + [{"CPU": space.cpus_per_node, "GPU": gpus}] * space.processes
     trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
 
-    callbacks = [Progress(space.num_samples, space.max_epochs)] if space.verbose else []
+    callbacks = [Progress(space.num_samples, space.max_epochs, bundles=bundles)] if space.verbose else []
     if space.resume:
         log.info(f"[search] resuming {out_dir}")
         tuner = tune.Tuner.restore(str(out_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)

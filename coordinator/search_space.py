@@ -63,7 +63,9 @@ class SearchConfig:
     nodes into each (balanced on their FLOPs, ``placement=auto``), e.g. a 4-node graph on 1
     GPU with processes_per_trial=1. cpus_per_node and gpus_per_node are then per process."""
     gpus_per_node: Optional[float] = None
-    """GPUs per node actor; null = 1 if the Ray cluster has GPUs, else 0."""
+    """GPUs per node actor (per process), from 0 to 1; null = 1 if the Ray cluster has GPUs,
+    else 0. A fraction shares a GPU between trials and needs search.processes_per_trial=1
+    (NCCL cannot put two ranks of one trial on one GPU)."""
     num_cpus: Optional[int] = None
     """Logical CPUs of a local Ray cluster (null = Ray's count); ignored with an address."""
     address: Optional[str] = None
@@ -149,6 +151,18 @@ class SearchConfig:
                               f"{self.num_nodes}; got {self.processes_per_trial!r}")
         if not isinstance(self.warm, bool):
             raise ConfigError(f"search.warm must be true or false; got {self.warm!r}")
+        g = self.gpus_per_node
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1):
+            raise ConfigError(f"search.gpus_per_node must be null (1 where the Ray cluster has GPUs, else 0) or a number "
+                              f"from 0 to 1 (a node process uses one GPU); got {g!r}")
+        if g is not None and 0 < g < 1 and self.processes > 1:
+            per = (f"search.processes_per_trial={self.processes_per_trial}" if self.processes_per_trial
+                   else f"search.processes_per_trial=0: one per node, search.num_nodes={self.num_nodes}")
+            raise ConfigError(
+                f"search.gpus_per_node={g} with {self.processes} processes per trial ({per}): Ray may give two processes "
+                "of one trial the same GPU, and NCCL cannot run two ranks of one group on one GPU; use "
+                "search.gpus_per_node=1, or search.processes_per_trial=1 to pack each trial's graph into one process "
+                "on a share of a GPU")
         if self.grace_period > self.max_epochs:
             raise ConfigError(f"search.grace_period={self.grace_period} exceeds search.max_epochs={self.max_epochs}")
         self.extra = _flatten(self.extra or {})

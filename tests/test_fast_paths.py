@@ -5,13 +5,14 @@ import torch
 
 from actors.config import ConfigError
 from actors.data import load_dataset
-from actors.exchange import Exchange, free_port, init_distributed, shutdown
+from actors.exchange import DistEnv, Exchange, free_port, init_distributed, shutdown
 from actors.timing import PARTS, StepTimer
 from actors.worker import NodeWorker
 from coordinator.sequential import train_sequential
 from tests.helpers import small_config
 
-GRAPH = (["resnet20", "convnet"], [["Through", "Linear"], ["Correct", "Through"]])
+T = "Through"
+GRAPH = (["resnet20", "convnet"], [[T, "Linear"], ["Correct", T]])
 
 
 def _params(nodes):
@@ -46,15 +47,39 @@ def test_bf16_autocast_keeps_logits_losses_and_weights_fp32(one_thread):
         assert torch.nn.functional.cosine_similarity(a - w0, b - w0, dim=0) > 0.9
 
 
-def test_compiled_models_train_like_eager_ones(one_thread):
-    cfg = small_config(["convnet"], [["Through"]], train={"epochs": 1, "batch_size": 32, "num_threads": 1, "compile": True})
+def test_compiled_nodes_compile_before_the_first_step_and_train_like_eager_ones(one_thread):
+    """``train.compile``: the worker compiles each node's training forward and backward and its
+    eval forward before the first step (a process compiling inside the first all-gather would
+    time the others out), leaving the node as it was; the steps and the evaluation then
+    compile nothing more, and train as the eager model does. Reaching dynamo's recompile
+    limit is an error, not a silent fall back to eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from actors.start import _compile
+
+    cfg = small_config(["convnet"], [[T]], train={"epochs": 1, "batch_size": 32, "num_threads": 1, "compile": True,
+                                                  "max_steps_per_epoch": 3})
     data = load_dataset("digits", val_fraction=0.15)
-    compiled = train_sequential(cfg, data, max_steps=3)
-    assert compiled[0].run_model is not compiled[0].model
-    assert list(compiled[0].state_dict()["model"]) == list(compiled[0].model.state_dict())  # no _orig_mod. prefix
+    torch._dynamo.reset()
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="none")
+    compiled = NodeWorker(cfg, env, Exchange(env), data, placement=[[0]])
+    node = compiled.nodes[0]
+    before = {k: v.clone() for k, v in node.model.state_dict().items()}
+    _compile(compiled)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # the step's forward and the eval forward (the backward is compiled with the first)
+    assert all(torch.equal(v, node.model.state_dict()[k]) for k, v in before.items())  # BatchNorm statistics too
+    assert all(p.grad is None for p in node.model.parameters())
+    assert torch._dynamo.config.fail_on_recompile_limit_hit
+    compiled.train_epoch(0)
+    compiled.evaluate()
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled in the steps or the evaluation
+    assert node.run_model is not node.model
+    assert list(node.state_dict()["model"]) == list(node.model.state_dict())  # no _orig_mod. prefix
     cfg.train.compile = False
     eager = train_sequential(cfg, data, max_steps=3)
-    for a, b in zip(_params(eager), _params(compiled)):
+    for a, b in zip(_params(eager), _params(compiled.nodes)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
