@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench.py                 # ~3.5 min on 2 CPU cores; prints the tables
     .venv/bin/python scripts/bench.py --json out.json # also the raw numbers
-    .venv/bin/python scripts/bench.py --device cuda   # on a machine with >= 3 GPUs (NCCL)
+    .venv/bin/python scripts/bench.py --device cuda   # NCCL, one GPU per node process (groups of up to min(G, 3))
 
 Everything is measured in this one run, on digits (8x8, 10 classes), with the real
 trainer: M spawned processes forming a gloo (or NCCL) group, each running the real
@@ -165,21 +165,27 @@ def run_group(world: int, cases: list[dict[str, Any]], device: str, pin: bool) -
     return [got[r] for r in range(world)]
 
 
-def sequential_step_time(models: list[str], batch: int, steps: int, pin: bool, threads: int = 1) -> float:
+def sequential_step_time(models: list[str], batch: int, steps: int, pin: bool, threads: int = 1,
+                         device: str = "cpu") -> float:
     """Seconds per step of the single-process reference training ``models`` one after the
-    other (``threads`` threads; one thread runs on core 0 with ``pin``), after one warm-up epoch."""
+    other (``threads`` threads; one thread runs on core 0 with ``pin``), after one warm-up
+    epoch; on ``device`` (``cuda``: cuda:0)."""
     torch.set_num_threads(threads)
-    if pin and threads == 1:
+    if pin and threads == 1 and device == "cpu":
         _pin(ALLOWED[0])
-    cfg, spe = make_config(models, batch, steps, "cpu")
-    group = SequentialGroup(cfg, load_dataset("digits", val_fraction=0.0))
+    cfg, spe = make_config(models, batch, steps, device)
+    dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    group = SequentialGroup(cfg, load_dataset("digits", val_fraction=0.0), dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     it = group.batches()
     for _ in range(spe):  # warm-up
         group.step(*next(it))
+    sync()
     n, t = 0, time.perf_counter()
     for batch in it:
         group.step(*batch)
         n += 1
+    sync()
     dt = (time.perf_counter() - t) / n
     _pin(None)  # the next group's processes are spawned from here: do not pass the pin on
     torch.set_num_threads(1)
@@ -277,8 +283,11 @@ def main(argv=None) -> int:
     reps = 200
     if args.quick:
         args.steps, reps, args.repeats = 2, 3, 1
-    if args.device == "cuda" and torch.cuda.device_count() < 3:
-        ap.error(f"--device cuda needs 3 GPUs (one per node); {torch.cuda.device_count()} visible")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device == "cuda" and not gpus:
+        ap.error("--device cuda: no CUDA GPU is visible here")
+    fits = (lambda p: True) if args.device == "cpu" else (lambda p: p <= gpus)  # NCCL: one GPU per process
+    sizes_1 = [m for m in (1, 2, 3) if fits(m)]
     t_start = time.perf_counter()
     cores = len(ALLOWED)
     print(f"ktg benchmark: digits, {args.device}, torch {torch.__version__}, {cores} CPU cores, "
@@ -297,21 +306,24 @@ def main(argv=None) -> int:
         return 0
     batches = (16, 64, 256)
     groups: dict[int, list[list[dict[str, Any]]]] = {}
-    for m in (1, 2, 3):
+    if len(sizes_1) < 3:
+        print(f"note: {gpus} GPU(s): groups of up to {max(sizes_1)} node process(es) (NCCL: one GPU each)", flush=True)
+    for m in sizes_1:
         cases = [{"kind": "train", "models": ["resnet32"] * m, "batch_size": b, "steps": args.steps} for b in batches]
         cases += [{"kind": "allgather", "batch_size": b, "classes": c, "reps": reps} for c in (100, 200) for b in (64, 256, 1024)]
         t = time.perf_counter()
         groups[m] = run_group(m, cases, args.device, args.pin)
         print(f"  group of {m} ResNet32 node(s): {time.perf_counter() - t:.0f}s", flush=True)
-    hetero = [g[0] for g in run_group(2, [{"kind": "train", "models": ["resnet32", "resnet110"], "batch_size": 64,
-                                          "steps": args.steps}], args.device, args.pin)]
-    print("  heterogeneous group (ResNet32 + ResNet110): done", flush=True)
+    hetero = []
+    if fits(2):
+        hetero = [g[0] for g in run_group(2, [{"kind": "train", "models": ["resnet32", "resnet110"], "batch_size": 64,
+                                              "steps": args.steps}], args.device, args.pin)]
+        print("  heterogeneous group (ResNet32 + ResNet110): done", flush=True)
     seq: dict[str, float] = {}
-    if args.device == "cpu":
-        for m in (1, 2, 3):
-            seq[f"resnet32x{m}"] = sequential_step_time(["resnet32"] * m, 64, args.steps, args.pin)
-        seq["resnet32+resnet110"] = sequential_step_time(["resnet32", "resnet110"], 64, args.steps, args.pin)
-        print("  single-process references: done", flush=True)
+    for m in (1, 2, 3):  # the reference runs in one process: on cuda:0 it needs one GPU only
+        seq[f"resnet32x{m}"] = sequential_step_time(["resnet32"] * m, 64, args.steps, args.pin, device=args.device)
+    seq["resnet32+resnet110"] = sequential_step_time(["resnet32", "resnet110"], 64, args.steps, args.pin, device=args.device)
+    print("  single-process references: done", flush=True)
     raw.update(groups={str(m): g for m, g in groups.items()}, hetero=hetero, sequential=seq)
 
     def mean_over_nodes(rows: list[dict[str, Any]], key: str) -> float:
@@ -324,7 +336,7 @@ def main(argv=None) -> int:
     print("\n### 1. A node's step, by part (ResNet32 nodes, batch 64; ms, mean over nodes)\n")
     print("| nodes | " + " | ".join(PARTS) + " | step |")
     print("|---" * (len(PARTS) + 2) + "|")
-    for m in (1, 2, 3):
+    for m in sizes_1:
         rows = case(m, 64)
         print(f"| {m} | " + " | ".join(ms(mean_over_nodes(rows, p)) for p in PARTS) + f" | {ms(mean_over_nodes(rows, 'step'))} |")
 
@@ -334,8 +346,8 @@ def main(argv=None) -> int:
         print("| graph | group step (ms) | sequential step (ms) | group images/s | sequential images/s | speed-up |")
         print("|---|---|---|---|---|---|")
         ratios = {}
-        for name, rows, s in [(f"{m} x ResNet32", case(m, 64), seq[f"resnet32x{m}"]) for m in (1, 2, 3)] + \
-                             [("ResNet32 + ResNet110", hetero, seq["resnet32+resnet110"])]:
+        for name, rows, s in [(f"{m} x ResNet32", case(m, 64), seq[f"resnet32x{m}"]) for m in sizes_1] + \
+                             ([("ResNet32 + ResNet110", hetero, seq["resnet32+resnet110"])] if hetero else []):
             g = max(r["step"] for r in rows)  # the group moves at its slowest node's pace
             ratios[name] = s / g
             print(f"| {name} | {ms(g)} | {ms(s)} | {64 / g:.0f} | {64 / s:.0f} | **{s / g:.2f}x** |")
@@ -346,7 +358,7 @@ def main(argv=None) -> int:
           "(ResNet32 nodes; exchange = all-gather transfer, wait = waiting for the slowest node)\n")
     print("| nodes | batch | bytes sent per node | exchange (ms) | wait (ms) | step (ms) | exchange % | exchange + wait % |")
     print("|---|---|---|---|---|---|---|---|")
-    for m in (1, 2, 3):
+    for m in sizes_1:
         for b in batches:
             rows = case(m, b)
             ex, wt, st = (mean_over_nodes(rows, k) for k in ("exchange", "wait", "step"))
@@ -355,16 +367,17 @@ def main(argv=None) -> int:
     print(f"\nThe all-gather alone (one [B, C] fp32 tensor per node; mean of {reps}; ms):\n")
     print("| nodes | C | B=64 | B=256 | B=1024 |")
     print("|---|---|---|---|---|")
-    for m in (1, 2, 3):
+    for m in sizes_1:
         for c in (100, 200):
             vals = [next(x for x in groups[m][0] if x["kind"] == "allgather" and x["classes"] == c and x["batch_size"] == b)["allgather"]
                     for b in (64, 256, 1024)]
             print(f"| {m} | {c} | " + " | ".join(ms(v) for v in vals) + " |")
 
     # 4. heterogeneous
-    print("\n### 4. Heterogeneous graph: ResNet32 (node 0) + ResNet110 (node 1), batch 64 (ms)\n")
-    print("| node | model | forward | wait | exchange | loss | backward | optimizer | step | waiting share |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    if hetero:
+        print("\n### 4. Heterogeneous graph: ResNet32 (node 0) + ResNet110 (node 1), batch 64 (ms)\n")
+        print("| node | model | forward | wait | exchange | loss | backward | optimizer | step | waiting share |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
     for i, (r, model) in enumerate(zip(hetero, ["resnet32", "resnet110"])):
         print(f"| {i} | {model} | " + " | ".join(ms(r[p]) for p in ("forward", "wait", "exchange", "loss", "backward", "optimizer"))
               + f" | {ms(r['step'])} | {100 * r['wait'] / r['step']:.0f}% |")
@@ -372,7 +385,7 @@ def main(argv=None) -> int:
     # 6. packing: a mixed graph on P = M, balanced P < M, and one process
     mixed = ["resnet32", "resnet32", "resnet110"]
     packing = {}
-    for p in (3, 2, 1):
+    for p in [p for p in (3, 2, 1) if fits(p)]:
         case6 = {"kind": "train", "models": mixed, "batch_size": 64, "steps": args.steps, "placement": placed(mixed, p)}
         packing[p] = ([g[0] for g in run_group(p, [case6], args.device, args.pin)], case6["placement"])
     print("\n### 6. Several nodes per process: ResNet32, ResNet32, ResNet110 (batch 64, one thread per process)\n")
@@ -386,7 +399,7 @@ def main(argv=None) -> int:
 
     # 7. many nodes on 2 processes
     sizes = (2, 4, 8, 16, 32) if not args.quick else (2, 4)
-    world7 = min(2, len(ALLOWED)) if args.device == "cpu" else 2
+    world7 = min(2, len(ALLOWED)) if args.device == "cpu" else min(2, gpus)
     cases7 = [{"kind": "train", "models": ["convnet"] * m, "batch_size": 64, "steps": args.steps,
                "placement": placed(["convnet"] * m, world7)} for m in sizes]
     scaling = run_group(world7, cases7, args.device, args.pin)
@@ -402,7 +415,7 @@ def main(argv=None) -> int:
         print(f"| {m} | {m // world7} | {ms(g)} | {ms(g / m)} | {ms(ex)} | {100 * ex / g:.1f}% | {64 / g:.0f} |")
 
     # 8. against a single process using every core
-    if seq:
+    if args.device == "cpu":
         threads = len(ALLOWED)
         s_all = sequential_step_time(["resnet32"] * 2, 64, args.steps, args.pin, threads=threads)
         g2 = group_step(case(2, 64))

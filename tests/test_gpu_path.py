@@ -338,3 +338,22 @@ def test_the_search_console_says_what_pending_trials_wait_for(monkeypatch, capsy
     p.on_step_end(2, [Trial("RUNNING"), Trial("PENDING")])
     assert p.stalled_since is None
 
+
+def test_gpu_check_refuses_without_a_gpu_and_its_dry_run_passes(tmp_path):
+    """``scripts/gpu_check.sh`` on a machine without a GPU says so and exits 2; its dry run
+    (the same checks on the CPU over gloo) passes, here its ``packed`` check."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "scripts/gpu_check.py"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "gpu_check: no CUDA GPU is visible here" in r.stderr and "--dry-run" in r.stderr
+    r = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--only", "packed", "--out", str(tmp_path)],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [row] = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert row["name"] == "packed" and row["status"] == "pass", row
+    assert "| packed | pass | 4 nodes on 2 process(es)" in r.stdout
