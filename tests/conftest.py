@@ -25,6 +25,28 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def ray_cluster():
+    """A local Ray cluster of 4 logical CPUs, started once and kept for the tests that come
+    after (``ray.init`` costs seconds); started again if a test shut it down."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_shutdown():
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+
+
 # --- real runs shared by several test modules (made once per session) ----------------------------
 
 @pytest.fixture(scope="session")
@@ -42,12 +64,18 @@ def real_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_search(tmp_path_factory):
+    import ray
+
+    if not ray.is_initialized():  # the cluster of ``ray_cluster``
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    return _tiny_search(tmp_path_factory)
+
+
+def _tiny_search(tmp_path_factory):
     """6 two-node trials of 4 epochs (8 steps each) sampled by Optuna's TPE, each packed into one actor
     (search.processes_per_trial=1), two at a time on warm groups; learning rate searched too,
     1e6 makes a trial fail; each cross edge's kind too (kl, or kl + rkd_distance)."""
     import csv
-
-    import ray
 
     from coordinator.search import SearchConfig, run_search
 
@@ -61,9 +89,6 @@ def tiny_search(tmp_path_factory):
         "optim": {"lr": 0.05, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
         "train": {"batch_size": 64, "num_threads": 1, "max_steps_per_epoch": 8}, "logger": {"backend": "none"}, "seed": 0,
     }
-    try:
-        summary = run_search(s, base, out, seed=1)  # a seed whose 6 samples hold a warm trial, an ASHA stop, a failure
-    finally:
-        ray.shutdown()
+    summary = run_search(s, base, out, seed=1)  # a seed whose 6 samples hold a warm trial, an ASHA stop, a failure
     rows = list(csv.DictReader(open(out / "trials.csv")))
     return summary, rows, out

@@ -11,15 +11,6 @@ from tests.helpers import small_config
 T = "Through"
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_group_restored_from_states_or_warm_continues_exactly(ray_cluster, tmp_path):
     from coordinator.group import ActorGroup
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 GRAPH = ["graph=dml", "graph.nodes.0.model=convnet", "graph.nodes.1.model=convnet", "train.max_steps_per_epoch=10",
          "train.batch_size=32", "train.num_threads=1", "logger=none", "train.progress=off", "dist_timeout_s=20"]
-EPOCHS = 20
+EPOCHS = 10
 
 
 def agents(dirs, rdzv_id, epochs=EPOCHS):
