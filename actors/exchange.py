@@ -364,9 +364,9 @@ def env_from_torchrun() -> tuple[int, int, int]:
 
 def shutdown() -> None:
     _stop_heartbeat()
-    failed = _stop_monitor()
+    stalled = _stop_monitor()
     if dist.is_available() and dist.is_initialized():
-        if failed:  # an aborted NCCL group: tearing it down may block; the process is ending anyway
+        if stalled:  # an aborted NCCL group, or one with work in flight: tearing it down may block
             _bounded(dist.destroy_process_group, 5.0)
         else:
             dist.destroy_process_group()
@@ -469,11 +469,12 @@ class Exchange:
         asynchronously and handed to the monitor (NCCL: ``work.wait()`` only makes this
         rank's stream wait for it; the host goes on)."""
         monitor = self.env.monitor
+        if monitor is not None:
+            monitor.check()  # the group was aborted: its error, not another collective's
         try:
             if monitor is None:
                 issue(False)
                 return
-            monitor.check()
             work = issue(True)
             monitor.watch(op, work)
             _wait(work)
@@ -704,10 +705,11 @@ def _start_monitor(env: DistEnv) -> DistEnv:
 
 
 def _stop_monitor() -> bool:
-    """Stop this process's monitor; whether it had aborted its group."""
+    """Stop this process's monitor; whether its group may be stalled: aborted, or with a
+    collective still in flight (tearing that down may block)."""
     global _monitor
-    failed = _monitor is not None and _monitor.failure is not None
+    stalled = _monitor is not None and (_monitor.failure is not None or _monitor.in_flight > 0)
     if _monitor is not None:
         _monitor.stop()
         _monitor = None
-    return failed
+    return stalled

@@ -360,8 +360,8 @@ class GraphNode:
             bound = torch.stack(torch._foreach_norm(gts)) * ramp
             norm = torch.stack(torch._foreach_norm(gds))
             scale = torch.where(norm > bound, bound / norm.clamp(min=1e-30), torch.ones_like(norm))
-            torch._foreach_mul_(gds, list(scale.unbind()))
-            torch._foreach_add_(gts, gds)
+            # out of place: autograd.grad may hand back expanded (stride-0) or shared tensors
+            gts = torch._foreach_add(gts, torch._foreach_mul(gds, list(scale.unbind())))
             grads = list(grads)
             for i, g in zip(both, gts):
                 grads[i] = g

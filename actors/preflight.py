@@ -54,13 +54,16 @@ def check_device(cfg: RunConfig, local_world_size: Optional[int] = None, device:
                 f"{picked} needs one GPU per graph node, but {local_world_size} processes run on this machine and "
                 f"{gpus} CUDA device(s) are visible; use device=cpu, or run the graph where there are {local_world_size} GPUs"
             )
-    if on_cuda and cfg.train.precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        major, minor = torch.cuda.get_device_capability()
-        raise ConfigError(
-            f"train.precision=bf16: this GPU ({torch.cuda.get_device_name()}, compute capability {major}.{minor}) has no "
-            "native bfloat16 (compute capability 8.0 or newer has: A100, H100, L4, RTX 30xx and later); use "
-            "train.precision=fp32"
-        )
+    if on_cuda and cfg.train.precision == "bf16" and not torch.version.hip:
+        index = int(os.environ.get("LOCAL_RANK", "0"))  # this process's GPU (a Ray actor sees its own first)
+        index = index if index < torch.cuda.device_count() else 0
+        major, minor = torch.cuda.get_device_capability(index)
+        if major < 8:
+            raise ConfigError(
+                f"train.precision=bf16: this GPU ({torch.cuda.get_device_name(index)}, compute capability {major}.{minor}) "
+                "has no native bfloat16 (compute capability 8.0 or newer has: A100, H100, L4, RTX 30xx and later); use "
+                "train.precision=fp32"
+            )
 
 
 def load_data(cfg: RunConfig) -> Dataset:

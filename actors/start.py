@@ -74,9 +74,12 @@ def restart_node(cfg: RunConfig, previous: NodeWorker, files: Optional[Callable[
     previous.release()  # refcounting frees its tensors here (a gc pass would add ~0.15 s to every warm start)
     del previous
     if compiled:
+        import gc
+
         import torch._dynamo
 
         torch._dynamo.reset()  # another graph's models: compile afresh (its caches would count as recompiles)
+        gc.collect()  # what only dynamo's caches held (compiled wrappers, guards) goes now, not later
     worker = NodeWorker(cfg, env, exchange, data, files, placement)
     _compile(worker)
     return worker

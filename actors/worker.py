@@ -176,11 +176,17 @@ class BatchCheck:
 
 def to_host(obj: Any) -> Any:
     """``obj`` (nested dicts, lists, tuples of tensors and plain values) with every tensor on
-    the CPU: a device tensor is copied, a CPU one kept as it is."""
+    the CPU: a device tensor is copied, a CPU one kept as it is; containers keep their type,
+    and a state dict its ``_metadata`` (module versions, read by ``load_state_dict``)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu() if obj.device.type != "cpu" else obj
     if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
+        out = type(obj)((k, to_host(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(to_host(v) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_host(v) for v in obj)
     return obj

@@ -269,6 +269,10 @@ class Progress(Callback):
     adopted = False
     """Whether the trials Tune restored have been counted (a class default: a Progress that an
     older version pickled into tuner.pkl has no such attribute)."""
+    bundles: Optional[list[dict]] = None
+    pending_after_s = 10.0
+    stalled_since: Optional[float] = None
+    _told = False  # (class defaults too: what an older tuner.pkl's Progress lacks)
 
     def __init__(self, total: int, max_epochs: int = 0, every_s: float = 30.0, bundles: Optional[list[dict]] = None,
                  pending_after_s: float = 10.0):
@@ -331,7 +335,7 @@ class Progress(Callback):
         pending = [t for t in trials if t.status == "PENDING"]
         self.stalled_since = (self.stalled_since or now) if pending and not running else None
         if self.stalled_since is not None and now - self.stalled_since >= self.pending_after_s \
-                and (now - self.last >= self.every_s or not getattr(self, "_told", False)):
+                and (now - self.last >= self.every_s or not self._told):
             self._told, self.last = True, now
             print(self._waiting(len(pending), now - self.stalled_since), flush=True)
             return

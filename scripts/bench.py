@@ -124,6 +124,8 @@ def _node(rank: int, world: int, port: int, cases: list[dict[str, Any]], device:
                 x = torch.randn(case["batch_size"], case["classes"], device=env.device)
                 for _ in range(5):
                     ex.all_gather({"logits": x})
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize()  # the barrier is the host's (gloo): the warm-up gathers must be done
                 ex.barrier()
                 n = case["reps"]
                 t = time.perf_counter()

@@ -10,13 +10,17 @@ Checks (each one a real run of the trainer's own commands; its output in <out>/<
            the single-process reference (every node in one process) on the same GPU: each
            node's final test accuracy and last-epoch train loss within the stated tolerance
            (GPU runs are not bitwise: cuDNN autotuning, atomics); on the CPU dry run, equal.
+           With one GPU (no NCCL group can form: one rank per GPU) the GPU run is compared
+           with the same run on the CPU instead.
 - packed:  2G ConvNet nodes packed two to a GPU on all G GPUs (graph=dml_many), 1 epoch.
-- search:  a tiny warm ASHA search (Ray Tune) with per-epoch checkpoints: 2-node trials on
+- search:  a tiny warm ASHA search (Ray Tune, 2 trials at a time) with per-epoch checkpoints: 2-node trials on
            NCCL groups of Ray actors (one GPU each with G >= 2; else packed, half a GPU
            each); one node actor SIGKILLed mid-search and its trial retried from its
            checkpoint.
 - hang:    a 2-rank NCCL group with rank 1 SIGSTOPped mid-training: rank 0 must name rank
            1 within dist_timeout_s (the collective monitor). Needs 2 GPUs.
+- syncs:   training steps of a node with kl, relation (rkd) and mhgd edges under CUDA's sync
+           debug mode set to raise: no host-device synchronisation in a step.
 - bench:   scripts/bench.py --quick on the device (its tables, a few steps per case).
 - compile: train.compile=true, bf16 and channels_last for one epoch (2 ranks where there
            are 2 GPUs): compiled before the first step, trains.
@@ -113,8 +117,9 @@ def check_group(m: Machine) -> tuple[bool, str]:
     t_group = time.perf_counter() - t0
     if r.returncode:
         return False, f"the {p}-rank group failed (exit {r.returncode}); see {log}"
+    on_cpu = p == 1 and not m.dry  # one GPU: the same single process, on the CPU
     t0 = time.perf_counter()
-    r = torchrun(m, 1, [*common, f"hydra.run.dir={m.out / 'reference'}"], log, 600)
+    r = torchrun(m, 1, [*common, f"hydra.run.dir={m.out / 'reference'}", *(["device=cpu"] if on_cpu else [])], log, 900)
     t_ref = time.perf_counter() - t0
     if r.returncode:
         return False, f"the single-process reference failed (exit {r.returncode}); see {log}"
@@ -126,7 +131,8 @@ def check_group(m: Machine) -> tuple[bool, str]:
     d_loss = max(abs(loss_g[t] - loss_r[t]) / max(abs(loss_r[t]), 1e-12) for t in loss_r)
     ok = (d_acc == 0 and d_loss == 0) if m.dry else (d_acc <= ACC_TOL and d_loss <= LOSS_TOL)
     tol = "equal (CPU: bitwise)" if m.dry else f"tolerance {ACC_TOL:g} points, {100 * LOSS_TOL:g}% loss"
-    return ok, (f"{p} ranks vs 1 process: test acc {'/'.join(f'{a:.2f}' for a in acc_g)} vs "
+    what = "1 GPU process vs the same on the CPU (1 GPU: no NCCL group)" if on_cpu else f"{p} ranks vs 1 process"
+    return ok, (f"{what}: test acc {'/'.join(f'{a:.2f}' for a in acc_g)} vs "
                 f"{'/'.join(f'{a:.2f}' for a in acc_r)}; max |d acc| {d_acc:.2f}, max |d loss| {100 * d_loss:.2f}% ({tol}); "
                 f"{sg['images_per_s']:.0f} vs {sr['images_per_s']:.0f} img/s; {t_group:.0f} s vs {t_ref:.0f} s")
 
@@ -174,8 +180,10 @@ def search_child(m: Machine) -> tuple[bool, str]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = m.out / "search" / "exp-check-digits"
     packed = m.dry or m.gpus < 2
+    # 2 at a time: Tune hands a trial's warm actors only to a trial waiting for them
     s = SearchConfig(name="check", num_nodes=2, target_model="convnet", zoo=["convnet", "resnet20"], num_samples=4,
-                     max_epochs=4, grace_period=1, reduction_factor=2, verbose=1, max_failures=1, checkpoint_every=1,
+                     max_concurrent=2, max_epochs=4, grace_period=1, reduction_factor=2, verbose=1, max_failures=1,
+                     checkpoint_every=1,
                      teachers_dir=str(out.parent / "no-teachers"), frozen="exclude",
                      processes_per_trial=1 if packed else 0,
                      gpus_per_node=0 if m.dry else (0.5 if packed else 1),
@@ -190,9 +198,9 @@ def search_child(m: Machine) -> tuple[bool, str]:
         while time.time() < deadline and not killed:
             for f in out.glob("trial_*/metrics.jsonl"):
                 if sum(1 for _ in f.open()) >= 2 * 2:
-                    pids = subprocess.run(["pgrep", "-f", "ray::NodeActor"], capture_output=True, text=True).stdout.split()
+                    pids = [p for p in _descendants(os.getpid()) if b"ray::NodeActor" in _cmdline(p)]  # ours only
                     if pids:
-                        os.kill(int(pids[0]), signal.SIGKILL)
+                        os.kill(pids[0], signal.SIGKILL)
                         killed["at"] = time.time()
                         return
             time.sleep(0.1)
@@ -214,6 +222,29 @@ def search_child(m: Machine) -> tuple[bool, str]:
                 f"ASHA, {summary['failed']} failed), {summary['warm_starts']} warm starts, one actor killed: "
                 f"{'retried from its checkpoint' if killed and not restarted else 'NOT retried as it should be'}; "
                 f"best val {summary['best_val_acc']:.2f}; {wall:.0f} s")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _worker_pid(agent: int, rank: int) -> Optional[int]:
@@ -281,6 +312,56 @@ def check_hang(m: Machine) -> tuple[bool, str]:
     return ok, f"named {named_after:.1f} s after the SIGSTOP (dist_timeout_s={timeout_s:g}): {line.strip()[:160]}"
 
 
+def check_syncs(m: Machine) -> tuple[bool, str]:
+    """Steps of a 3-node graph in one process (the single-process reference's worker) whose
+    learner has ce, kl + rkd_distance + rkd_angle and mhgd edges (clipped), under CUDA's sync
+    debug mode set to raise."""
+    import tempfile
+
+    import torch
+
+    from actors.config import RunConfig
+    from actors.data import load_dataset
+    from actors.mhgd import AttentionModule, save_attention
+    from actors.models import build_model
+    from coordinator.sequential import SequentialGroup
+
+    tmp = Path(tempfile.mkdtemp(prefix="sync-", dir=m.out))
+    torch.manual_seed(0)
+    torch.save({"model": build_model("resnet20", 10, 1).state_dict(), "meta": {"model": "resnet20"}}, tmp / "teacher.pt")
+    save_attention(tmp / "attention.pt", AttentionModule([16, 32, 64]), {"model": "resnet20"})
+    T, C = "Through", "Cutoff"
+    graph = {"name": "syncs", "nodes": [{"model": "resnet20"}, {"model": "resnet20"},
+                                        {"model": "resnet20", "checkpoint": str(tmp / "teacher.pt"),
+                                         "attention": str(tmp / "attention.pt")}],
+             "gates": [[T, T, T], [T, T, C], [C, C, C]],
+             "kinds": [["ce", "kl+rkd_distance+rkd_angle", "mhgd"], ["kl", "ce", "kl"], ["kl", "kl", "ce"]]}
+    cfg = RunConfig.from_dict({"graph": graph, "dataset": {"name": "digits", "val_fraction": 0.15},
+                               "train": {"epochs": 1, "batch_size": 64, "num_threads": 1}, "logger": {"backend": "none"},
+                               "device": m.device})
+    dev = torch.device("cuda", 0) if not m.dry else torch.device("cpu")
+    group = SequentialGroup(cfg, load_dataset("digits", val_fraction=0.15), dev)
+    batches = group.batches()
+    for _ in range(2):  # warm up: lazy initialisation, cuDNN's autotuning, the epoch plan's copy
+        group.step(*next(batches))
+    steps = [next(batches) for _ in range(3)]
+    if m.dry:
+        for b in steps:
+            group.step(*b)
+        return True, "3 steps with ce, kl+rkd, mhgd (clipped) edges ran; syncs are only detectable on CUDA"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in steps:
+            group.step(*b)
+    except RuntimeError as e:
+        return False, f"a step synchronised with the host: {str(e).strip().splitlines()[0][:200]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return True, "3 steps of a learner with ce, kl + rkd_distance + rkd_angle and clipped mhgd edges: no host sync"
+
+
 def check_bench(m: Machine) -> tuple[bool, str]:
     log = m.out / "bench.log"
     raw = m.out / "bench.json"
@@ -326,7 +407,7 @@ class Skip(Exception):
 
 CHECKS: dict[str, Callable[[Machine], tuple[bool, str]]] = {
     "group": check_group, "packed": check_packed, "search": check_search, "hang": check_hang,
-    "bench": check_bench, "compile": check_compile,
+    "syncs": check_syncs, "bench": check_bench, "compile": check_compile,
 }
 
 

@@ -147,7 +147,6 @@ def test_fractional_gpus_with_several_processes_per_trial_are_refused():
 def test_bf16_on_a_gpu_without_native_bf16_is_refused_before_training(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     cfg = small_config(["convnet"], [[T]], train={"epochs": 1, "precision": "bf16"})
