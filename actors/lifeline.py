@@ -41,3 +41,40 @@ def exit_with_parent(parent: int, interval_s: float = 0.5, who: str = "node") ->
     thread = threading.Thread(target=watch, name="ktg-lifeline", daemon=True)
     thread.start()
     return thread
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot: field 22 of ``/proc/<pid>/stat``),
+    or None when there is no such process, or it has ended (a zombie, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def exit_with_process(pid: int, started: int, interval_s: float = 0.5, who: str = "node") -> threading.Thread:
+    """``exit_with_parent`` for a launcher that is not this process's parent (a fork server
+    sits between, and lives as long as its children): end this process once ``pid`` is gone,
+    or is another process than the one that started at ``started`` (``process_start``)."""
+
+    def gone() -> bool:
+        return process_start(pid) != started
+
+    def end() -> None:
+        print(f"[ktg] {who} (pid {os.getpid()}): its launcher (pid {pid}) is gone; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    if gone():
+        end()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if gone():
+                end()
+
+    thread = threading.Thread(target=watch, name="ktg-lifeline", daemon=True)
+    thread.start()
+    return thread
