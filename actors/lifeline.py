@@ -17,30 +17,14 @@ import os
 import sys
 import threading
 import time
+from typing import Callable
 
 
 def exit_with_parent(parent: int, interval_s: float = 0.5, who: str = "node") -> threading.Thread:
     """``parent``: the launcher's pid, read when this process started (``os.getppid()`` at
     import of the entry module): a launcher killed during the seconds of start-up is caught
     too, at once."""
-
-    def gone() -> None:
-        print(f"[ktg] {who} (pid {os.getpid()}): its launcher (pid {parent}) is gone; exiting",
-              file=sys.stderr, flush=True)
-        os._exit(1)
-
-    if os.getppid() != parent:
-        gone()
-
-    def watch() -> None:
-        while True:
-            time.sleep(interval_s)
-            if os.getppid() != parent:
-                gone()
-
-    thread = threading.Thread(target=watch, name="ktg-lifeline", daemon=True)
-    thread.start()
-    return thread
+    return _exit_when(lambda: os.getppid() != parent, parent, interval_s, who)
 
 
 def process_start(pid: int) -> int | None:
@@ -58,12 +42,16 @@ def exit_with_process(pid: int, started: int, interval_s: float = 0.5, who: str 
     """``exit_with_parent`` for a launcher that is not this process's parent (a fork server
     sits between, and lives as long as its children): end this process once ``pid`` is gone,
     or is another process than the one that started at ``started`` (``process_start``)."""
+    return _exit_when(lambda: process_start(pid) != started, pid, interval_s, who)
 
-    def gone() -> bool:
-        return process_start(pid) != started
+
+def _exit_when(gone: Callable[[], bool], launcher: int, interval_s: float, who: str) -> threading.Thread:
+    """End this process (``os._exit(1)``) as soon as ``gone()``: now, or in a daemon thread
+    that asks every ``interval_s``."""
 
     def end() -> None:
-        print(f"[ktg] {who} (pid {os.getpid()}): its launcher (pid {pid}) is gone; exiting", file=sys.stderr, flush=True)
+        print(f"[ktg] {who} (pid {os.getpid()}): its launcher (pid {launcher}) is gone; exiting",
+              file=sys.stderr, flush=True)
         os._exit(1)
 
     if gone():

@@ -55,25 +55,30 @@ def loop_child(rank, world, port, timeout_s, slow_rank, results):
     torch.set_num_threads(1)
     try:
         env = init_distributed(rank, world, rank, f"tcp://127.0.0.1:{port}", "cpu", "gloo", timeout_s)
-        ex = Exchange(env)
-        results.put((rank, "pid", os.getpid()))
-        try:
-            step = 0
-            while True:
-                ex.all_gather({"x": torch.full((8,), float(rank))})
-                step += 1
-                if step % 20 == 0:
-                    if rank == slow_rank:
-                        time.sleep(2.0)
-                    ex.gather_objects(step)
-                time.sleep(0.005)
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            results.put((rank, "error", f"{type(e).__name__}: {e}", time.monotonic()))
-        finally:
-            shutdown()
-        results.put((rank, "shut down", None, time.monotonic()))
+        step_until_it_fails(Exchange(env), rank, results, slow_rank, shutdown)
     except BaseException:  # noqa: BLE001 - reported to the test
         results.put((rank, "error", traceback.format_exc(), time.monotonic()))
+
+
+def step_until_it_fails(ex, rank, results, slow_rank, shutdown):
+    """Steps like a node until a collective fails (reported with the time), then shuts the
+    group down and says so."""
+    results.put((rank, "pid", os.getpid()))
+    try:
+        step = 0
+        while True:
+            ex.all_gather({"x": torch.full((8,), float(rank))})
+            step += 1
+            if step % 20 == 0:
+                if rank == slow_rank:
+                    time.sleep(2.0)
+                ex.gather_objects(step)  # (under a monitor, over the host group, as under NCCL)
+            time.sleep(0.005)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        results.put((rank, "error", f"{type(e).__name__}: {e}", time.monotonic()))
+    finally:
+        shutdown()
+    results.put((rank, "shut down", None, time.monotonic()))
 
 
 def _run_group_and_stop(world, stop, timeout_s, slow_rank=-1, sig=signal.SIGSTOP, settle_s=1.5):
@@ -263,21 +268,7 @@ def nccl_like_child(rank, world, port, timeout_s, results, abort_frees=True, err
     torch.set_num_threads(1)
     try:
         env = xm.init_distributed(rank, world, rank, f"tcp://127.0.0.1:{port}", "cpu", "gloo", timeout_s, monitor=True)
-        ex = xm.Exchange(env)
-        results.put((rank, "pid", os.getpid()))
-        try:
-            step = 0
-            while True:
-                ex.all_gather({"x": torch.full((8,), float(rank))})
-                step += 1
-                if step % 20 == 0:
-                    ex.gather_objects(step)  # over the host (gloo) group, as under NCCL
-                time.sleep(0.005)
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            results.put((rank, "error", f"{type(e).__name__}: {e}", time.monotonic()))
-        finally:
-            xm.shutdown()
-        results.put((rank, "shut down", None, time.monotonic()))
+        step_until_it_fails(xm.Exchange(env), rank, results, -1, xm.shutdown)
     except BaseException:  # noqa: BLE001 - reported to the test
         results.put((rank, "error", traceback.format_exc(), time.monotonic()))
 
