@@ -90,6 +90,12 @@ def build_node(cfg: RunConfig, data: Dataset, index: int, steps_per_epoch: int, 
                      cfg.train.channels_last, cfg.train.compile)
 
 
+def pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``n`` rows (as it is when it has ``n`` already)."""
+    missing = n - x.shape[0]
+    return torch.cat([x, x.new_zeros((missing, *x.shape[1:]))]) if missing > 0 else x
+
+
 def predict(node: GraphNode, split: Split, batch_size: int, batch_maker: BatchMaker, fixed: bool = False) -> torch.Tensor:
     """Logits of a whole split in eval mode, without augmentation, through the node's own
     forward (``GraphNode.predict``: the compiled model, autocast, the batches' memory
@@ -99,9 +105,7 @@ def predict(node: GraphNode, split: Split, batch_size: int, batch_maker: BatchMa
     for i in range(0, len(split), batch_size):
         images = split.x[i : i + batch_size]
         n = images.shape[0]
-        if fixed and n < batch_size:
-            images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
-        outs.append(node.predict(batch_maker.plain(images))[:n])
+        outs.append(node.predict(batch_maker.plain(pad_rows(images, batch_size) if fixed else images))[:n])
     return torch.cat(outs)
 
 
@@ -266,10 +270,7 @@ class NodeWorker:
         return {k: got[k].flatten(0, 1)[self.node_rows] for k in values}
 
     def _pad(self, stacked: torch.Tensor) -> torch.Tensor:
-        missing = self.width - stacked.shape[0]
-        if not missing:
-            return stacked
-        return torch.cat([stacked, stacked.new_zeros((missing, *stacked.shape[1:]))])
+        return pad_rows(stacked, self.width)
 
     # --- training -------------------------------------------------------------------------------
 
@@ -463,11 +464,8 @@ class NodeWorker:
         rows = torch.zeros(b, 4, dtype=torch.int64, device=self.device)  # the first b images, not augmented
         rows[:, PERM] = torch.arange(b, device=self.device)
         batch, _ = self.batches(rows)  # through the step's own batch path: the same shapes and strides
-        n = self.cfg.train.eval_batch_size
-        images = self.data.train.x[:n]
-        if images.shape[0] < n:  # evaluation pads its last batch to this shape too (predict(fixed=True))
-            images = torch.cat([images, images.new_zeros((n - images.shape[0], *images.shape[1:]))])
-        eval_batch = self.batches.plain(images)
+        n = self.cfg.train.eval_batch_size  # evaluation pads its last batch to this shape too (predict(fixed=True))
+        eval_batch = self.batches.plain(pad_rows(self.data.train.x[:n], n))
         for node in self.nodes:
             node.warm_up(batch, eval_batch)
         if self.rank == 0:

@@ -271,7 +271,7 @@ class Progress(Callback):
     older version pickled into tuner.pkl has no such attribute)."""
     bundles: Optional[list[dict]] = None
     pending_after_s = 10.0
-    stalled_since: Optional[float] = None
+    stalled_since: Optional[float] = None  # since when trials are pending and none runs
     _told = False  # (class defaults too: what an older tuner.pkl's Progress lacks)
 
     def __init__(self, total: int, max_epochs: int = 0, every_s: float = 30.0, bundles: Optional[list[dict]] = None,
@@ -280,7 +280,6 @@ class Progress(Callback):
         self.done, self.best, self.best_trial = 0, -1.0, None
         self.t0 = self.last = time.monotonic()
         self.bundles, self.pending_after_s = bundles, pending_after_s
-        self.stalled_since: Optional[float] = None  # trials pending and none running since then
 
     def adopt(self, trials) -> None:
         """Count the trials that ended in earlier attempts and take the best val accuracy any
@@ -353,13 +352,7 @@ class Progress(Callback):
         """What the pending trials wait for: their resources, and what the cluster has free."""
         import ray
 
-        need = ""
-        if self.bundles:
-            total: dict[str, float] = {}
-            for b in self.bundles:
-                for k, v in b.items():
-                    total[k] = total.get(k, 0) + v
-            need = f"; each needs {_resources(total)}"
+        need = f"; each needs {_resources(_total(self.bundles))}" if self.bundles else ""
         free = _resources(ray.available_resources())
         return (f"[search] {pending} trial(s) pending and none running for {for_s:.0f} s{need}; the Ray cluster has "
                 f"{free} free (a trial waits until its whole placement group fits)")
@@ -394,6 +387,15 @@ def trial_bundles(space: SearchConfig) -> list[dict[str, float]]:
     return [{"CPU": 1}] + [{"CPU": space.cpus_per_node, "GPU": space.gpus_per_node}] * space.processes
 
 
+def _total(bundles: list[dict[str, float]]) -> dict[str, float]:
+    """What a placement group of ``bundles`` needs in all."""
+    out: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def _resources(r: dict[str, float]) -> str:
     shown = {k: v for k, v in r.items() if k in ("CPU", "GPU") and v}
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in shown.items()) + "}" if shown else "{}"
@@ -403,10 +405,7 @@ def unplaceable(bundles: list[dict[str, float]], machines: list[dict[str, float]
     """Why a trial of ``bundles`` can never start on a cluster of ``machines`` (each one's
     total resources), or None: a bundle that no machine can hold, or more in all than the
     cluster has (Tune would keep such a trial pending for good)."""
-    need: dict[str, float] = {}
-    for b in bundles:
-        for k, v in b.items():
-            need[k] = need.get(k, 0) + v
+    need = _total(bundles)
     total = {k: sum(m.get(k, 0) for m in machines) for k in need}
     trial = (f"a trial needs {_resources(need)} (1 CPU for its driver + {len(bundles) - 1} process(es) x "
              f"{_resources(bundles[-1])})")
