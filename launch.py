@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from actors.config import RunConfig
 from actors.errors import ConfigError
 from actors.exchange import env_from_torchrun
+from actors.graph_file import read_graph_file
 from coordinator.hydra_conf import MODES, check_overrides, register_defaults
 from coordinator.run import run_node
 
@@ -70,40 +71,19 @@ if not OmegaConf.has_resolver("ktg_run_id"):
 register_defaults()  # conf/config.yaml starts from the dataclasses' defaults (coordinator.hydra_conf)
 
 
-def load_graph_file(path: str) -> DictConfig:
-    """A graph .yaml file as hydra will compose it; ``ConfigError`` when it is missing, not
-    YAML, or not a mapping."""
-    import yaml
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"graph file {path} not found")
-    try:
-        node = OmegaConf.load(path)
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        what = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(f"graph file {path} is not valid YAML: {what}{where}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"graph file {path} cannot be read: {e}") from None
-    if not isinstance(raw, dict) or not isinstance(node, DictConfig):
-        got = "empty" if raw is None else f"a {type(raw).__name__}"
-        raise ConfigError(f"graph file {path} must be a mapping (name, nodes, gates, ...); it is {got}")
-    return node
-
-
 def use_graph_files(argv: list[str]) -> list[str]:
     """``graph=<path to .yaml>`` (e.g. a search's best_graph.yaml) is registered as a graph
-    option of its own, so hydra composes it like a preset and overrides still apply."""
+    option of its own, so hydra composes it like a preset and overrides still apply. The file
+    is read with OmegaConf's YAML rules, as hydra reads one; ``ConfigError`` when it is
+    missing, not YAML, or not a mapping (``actors.graph_file.read_graph_file``)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf._utils import get_yaml_loader
 
     out = []
     for arg in argv:
         if arg.startswith("graph=") and arg.endswith((".yaml", ".yml")):
             path = arg.split("=", 1)[1]
-            node = load_graph_file(path)
+            node = OmegaConf.create(read_graph_file(path, loader=get_yaml_loader()))
             name = "file_" + "".join(c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(path))[0])
             ConfigStore.instance().store(group="graph", name=name, node=node)
             arg = f"graph={name}"

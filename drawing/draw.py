@@ -38,6 +38,7 @@ def draw(target: str, out: Optional[str] = None, name: Optional[str] = None, **a
     """Draw ``target`` (see ``KINDS``); returns the files written. Raises ``ValueError``
     naming the accepted kinds of path when ``target`` is none of them. ``asha``: grace,
     rf, max_epochs for a search that did not record them (see ``pictures.draw_search``)."""
+    from actors.graph_file import load_graph_file
     from drawing import figures as pictures
 
     path = Path(target)
@@ -48,12 +49,12 @@ def draw(target: str, out: Optional[str] = None, name: Optional[str] = None, **a
         what = "does not exist" if not path.exists() else "is none of these"
         raise ValueError(f"{target} {what}; expected {KINDS}")
     if kind == "graph":
-        graph = pictures.load_graph_file(path)
+        graph = load_graph_file(path)
         folder = Path(out) if out else Path("pictures")
         return pictures.draw_graph(graph, folder / (name or f"graph_{graph.name}"))
     folder = Path(out) if out else path / "pictures"
     if kind == "run":
-        graph = pictures.load_graph_file(path / "run_config.json")
+        graph = load_graph_file(path / "run_config.json")
         files = pictures.draw_graph(graph, folder / (name or "graph"))
         if (path / "metrics.jsonl").is_file():
             files += pictures.draw_learning_curves(path, folder / (f"{name}_curves" if name else "curves"))

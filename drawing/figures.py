@@ -19,12 +19,12 @@ The command line is ``drawing.draw`` (``ktg-draw``).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from actors.graph_file import load_graph_file
 from actors.metrics import EDGE_LOSS, GATE_WEIGHT, parse_edge_key
 
 if TYPE_CHECKING:
@@ -85,31 +85,6 @@ def _save(fig, stem: Path, formats: tuple[str, ...] = ("png", "svg"), dpi: int =
 
 
 # --- graphs -------------------------------------------------------------------------------------
-
-
-def load_graph_file(path: str | Path) -> "GraphSpec":
-    """A graph from a YAML or JSON file: a graph config (``conf/graph/*.yaml``, a search's
-    ``best_graph.yaml``) or a whole run config with a ``graph`` key (``run_config.json``,
-    ``.hydra/config.yaml``). Read as plain YAML: interpolations such as
-    ``${dataset.name}`` in checkpoint paths stay unresolved (drawing does not need them)."""
-    import yaml
-
-    from actors.errors import ConfigError
-    from actors.graph import GraphSpec
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from e
-    if isinstance(data, dict) and "nodes" not in data and isinstance(data.get("graph"), dict):
-        data = data["graph"]
-    if not isinstance(data, dict) or "nodes" not in data or "gates" not in data:
-        raise ConfigError(f"{path}: not a graph (a mapping with 'nodes' and 'gates', or a run config with a 'graph')")
-    allowed = {f.name for f in dataclasses.fields(GraphSpec)}
-    data = {k: v for k, v in data.items() if k in allowed}  # e.g. hydra's 'defaults'
-    data.setdefault("name", path.stem)
-    return GraphSpec.from_dict(data)
 
 
 #: short names of the edge kinds on the drawn edges (docs/edge-kinds.md)

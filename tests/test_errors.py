@@ -52,21 +52,24 @@ def test_every_group_lists_its_presets():
 def test_graph_files_that_are_not_yaml_or_not_a_mapping(tmp_path):
     import launch
 
+    def load_graph_file(path):  # graph=<file> on the command line
+        launch.use_graph_files([f"graph={path}"])
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: g\nnodes:\n  - {model: convnet}\n gates: [[Through]]\n")
     with pytest.raises(ConfigError, match=rf"^graph file {bad} is not valid YAML: expected <block end>, but found "
                                           r"'<block mapping start>' \(line 4, column 2\)$"):
-        launch.load_graph_file(str(bad))
+        load_graph_file(str(bad))
     listed = tmp_path / "list.yaml"
     listed.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match=r"list.yaml must be a mapping \(name, nodes, gates, ...\); it is a list$"):
-        launch.load_graph_file(str(listed))
+        load_graph_file(str(listed))
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     with pytest.raises(ConfigError, match=r"empty.yaml must be a mapping .*; it is empty$"):
-        launch.load_graph_file(str(empty))
+        load_graph_file(str(empty))
     with pytest.raises(ConfigError, match=r"graph file .*nope.yaml not found"):
-        launch.load_graph_file(str(tmp_path / "nope.yaml"))
+        load_graph_file(str(tmp_path / "nope.yaml"))
 
 
 # --- devices the machine does not have ---------------------------------------------------------

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from actors.graph_file import load_graph_file
 from drawing.draw import main as draw_main
-from drawing.figures import asha_rungs, draw_graph, draw_search, load_graph_file
+from drawing.figures import asha_rungs, draw_graph, draw_search
 from tests.helpers import WANDB_RUN_GATES
 
 ROOT = Path(__file__).resolve().parents[1]
