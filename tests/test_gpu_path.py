@@ -308,7 +308,7 @@ def test_a_search_the_cluster_cannot_place_is_refused_at_start(monkeypatch, tmp_
 
 
 def test_a_trial_larger_than_any_machine_or_than_the_cluster_cannot_be_placed():
-    from coordinator.search import unplaceable
+    from coordinator.search_resources import unplaceable
 
     trial = [{"CPU": 1}, {"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
     assert unplaceable(trial, [{"CPU": 16, "GPU": 2}]) is None
@@ -321,14 +321,14 @@ def test_a_trial_larger_than_any_machine_or_than_the_cluster_cannot_be_placed():
 def test_the_search_console_says_what_pending_trials_wait_for(monkeypatch, capsys):
     import ray
 
-    from coordinator.search import Progress
+    from coordinator.search_console import SearchConsole
 
     class Trial:
         def __init__(self, status):
             self.status, self.last_result, self.trial_id = status, {}, "t"
 
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 3.0})
-    p = Progress(4, 2, bundles=[{"CPU": 1}, {"CPU": 1, "GPU": 1}], pending_after_s=0.0)
+    p = SearchConsole(4, 2, bundles=[{"CPU": 1}, {"CPU": 1, "GPU": 1}], pending_after_s=0.0)
     p.on_step_end(0, [Trial("PENDING")] * 2)
     p.on_step_end(1, [Trial("PENDING")] * 2)
     out = capsys.readouterr().out

@@ -58,12 +58,32 @@ def test_fixed_models_search_the_gates_only():
         space(models=["resnet32", "vgg"])
 
 
+def test_a_trials_csv_row_reads_back_as_it_was_written(tmp_path):
+    """trials.csv (what users read, and the search picture reads back): its columns, a
+    missing value as an empty cell; a file with only some columns reads with the defaults."""
+    from actors.trial_row import TrialRow, read_trials, write_trials
+
+    rows = [TrialRow("trial_a", "convnet, resnet32*", "T L / X T", '{"optim.lr": 0.05}', "ce kl / kl ce", 4, 58.333,
+                     60.5, "completed", 0.049, True),
+            TrialRow("trial_b", status="failed: ValueError: no", warm=False)]
+    write_trials(tmp_path / "trials.csv", rows)
+    assert (tmp_path / "trials.csv").read_text().splitlines() == [
+        "trial,models,gates,extra,kinds,epochs,last_val_acc,best_val_acc,status,launch_overhead_s,warm",
+        'trial_a,"convnet, resnet32*",T L / X T,"{""optim.lr"": 0.05}",ce kl / kl ce,4,58.333,60.5,completed,0.049,True',
+        "trial_b,,,,,0,,,failed: ValueError: no,,False"]
+    assert read_trials(tmp_path / "trials.csv") == rows
+    assert TrialRow.from_csv({"trial": "trial_c", "status": "completed"}) == TrialRow("trial_c", status="completed")
+    write_trials(tmp_path / "empty.csv", [])
+    assert (tmp_path / "empty.csv").read_text().splitlines() == ["trial"] and read_trials(tmp_path / "empty.csv") == []
+
+
 def test_search_console_names_how_each_trial_ended(capsys):
     from types import SimpleNamespace
 
-    from coordinator.search import METRIC, Progress
+    from coordinator.search_console import SearchConsole
+    from coordinator.search_trial import METRIC
 
-    p = Progress(total=4, max_epochs=8, every_s=0.0)
+    p = SearchConsole(total=4, max_epochs=8, every_s=0.0)
     t = lambda i, ep, acc, st="TERMINATED": SimpleNamespace(trial_id=f"t{i}", status=st, last_result={"epoch": ep, METRIC: acc})  # noqa: E731
     p.on_trial_complete(0, [], t(1, 2, 50.0))
     p.on_trial_complete(0, [], t(2, 8, 70.0))

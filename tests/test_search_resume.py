@@ -15,7 +15,11 @@ import pytest
 
 from actors.errors import ConfigError
 from coordinator import search as search_module
-from coordinator.search import METRIC, RECORD, Progress, SearchConfig, run_search
+from coordinator.search import run_search
+from coordinator.search_console import SearchConsole
+from coordinator.search_record import RECORD
+from coordinator.search_space import SearchConfig
+from coordinator.search_trial import METRIC
 
 
 class RayStarted(Exception):
@@ -142,7 +146,7 @@ def _trial(i, status, epoch, acc, best=None, **extra):
 def test_the_console_of_a_resumed_search_counts_earlier_trials(capsys):
     """Tune hands the restored trials to the first step; the ended ones count as done and the
     best result any of them reported (not only their last) is the best so far."""
-    p = Progress(total=6, max_epochs=4, every_s=0.0)
+    p = SearchConsole(total=6, max_epochs=4, every_s=0.0)
     restored = [
         _trial(1, "TERMINATED", 4, 60.0, best=81.0),   # reached 81 at an earlier epoch
         _trial(2, "TERMINATED", 1, 40.0),              # stopped by ASHA
@@ -162,7 +166,7 @@ def test_the_console_of_a_resumed_search_counts_earlier_trials(capsys):
 
 
 def test_the_console_of_a_new_search_starts_from_zero(capsys):
-    p = Progress(total=2, max_epochs=4, every_s=0.0)
+    p = SearchConsole(total=2, max_epochs=4, every_s=0.0)
     p.on_step_begin(0, [])
     p.on_step_begin(1, [_trial(1, "PENDING", 0, None)])
     p.on_trial_complete(1, [], _trial(1, "TERMINATED", 4, 30.0))
@@ -179,16 +183,16 @@ def test_an_interrupted_search_resumes_with_its_console_counts(tmp_path, capsys,
     out = tmp_path / "exp-resume-digits"
     s = dict(num_samples=3, max_epochs=1, grace_period=1, gates=["Through", "Linear"], extra=None, verbose=1,
              num_cpus=3)
-    complete = Progress.on_trial_complete
+    complete = SearchConsole.on_trial_complete
 
     def stop_after_first(self, iteration, trials, trial, **info):
         complete(self, iteration, trials, trial, **info)
         os.kill(os.getpid(), signal.SIGUSR1)  # what Ctrl-C does to a search: Tune stops and saves
 
-    monkeypatch.setattr(Progress, "on_trial_complete", stop_after_first)
+    monkeypatch.setattr(SearchConsole, "on_trial_complete", stop_after_first)
     try:
         first = run_search(space(tmp_path, **s), base(), out, seed=0)
-        monkeypatch.setattr(Progress, "on_trial_complete", complete)
+        monkeypatch.setattr(SearchConsole, "on_trial_complete", complete)
         capsys.readouterr()
         assert first["interrupted"], first
         with open(out / "trials.csv") as f:
