@@ -18,7 +18,6 @@ The command line is ``drawing.draw`` (``ktg-draw``).
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from actors.graph_file import load_graph_file
 from actors.metrics import EDGE_LOSS, GATE_WEIGHT, parse_edge_key
+from actors.trial_row import TrialRow, read_trials
 
 if TYPE_CHECKING:
     from actors.graph import GraphSpec
@@ -148,17 +148,11 @@ def _loop_path(center, angle, a, b, loop_r):
 def _graph_figure(graph: "GraphSpec", title: Optional[str] = None):
     if graph.num_nodes > LARGE:
         return _matrix_figure(graph, title)
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Ellipse, FancyArrowPatch, Patch
-
-    from actors.gates import is_cutoff
-
     m = graph.num_nodes
     labels = [node_label(graph, i) for i in range(m)]
     a = max(0.30, 0.032 * max(len(s) for s in labels) + 0.1)  # ellipse half width (data units)
     radius, pos, angles = _layout(m, a)
     b = 0.15
-    loop_r = 0.13
     # room for the loops and their labels around the nodes
     x0, x1 = min(p[0] for p in pos) - a - 0.75, max(p[0] for p in pos) + a + 0.75
     y0, y1 = min(p[1] for p in pos) - b - 0.5, max(p[1] for p in pos) + b + 0.5
@@ -172,6 +166,20 @@ def _graph_figure(graph: "GraphSpec", title: Optional[str] = None):
     ax.set_ylim(y0, y1)
     ax.set_aspect("equal")
     ax.axis("off")
+    ellipses = _draw_nodes(ax, graph, labels, pos, a, b)
+    used_gates = _draw_edges(ax, graph, pos, angles, ellipses, a, b)
+    if title is None:
+        what = graph.loss if graph.kinds is None else "edge kinds"
+        title = f"{graph.name}  (T={graph.temperature:g}, {what}, reduction={graph.reduction})"
+    ax.set_title(title, fontsize=12, pad=4)
+    _graph_legend(fig, graph, used_gates, bottom / total)
+    return fig
+
+
+def _draw_nodes(ax, graph: "GraphSpec", labels: list[str], pos, a: float, b: float) -> list:
+    """The nodes as ellipses (half axes a, b) with their labels: the target red-rimmed, a
+    frozen node grey and dashed; returns the ellipses (the arrows end at their rims)."""
+    from matplotlib.patches import Ellipse
 
     ellipses = []
     for i, (x, y) in enumerate(pos):
@@ -187,72 +195,88 @@ def _graph_figure(graph: "GraphSpec", title: Optional[str] = None):
         ellipses.append(e)
         ax.text(x, y, labels[i], ha="center", va="center", fontsize=10.5, zorder=4,
                 fontweight="bold" if i == 0 else "normal", color="#222222")
+    return ellipses
+
+
+def _draw_edges(ax, graph: "GraphSpec", pos, angles, ellipses, a: float, b: float) -> set[str]:
+    """Every edge that is not Cutoff, coloured by its gate and labelled; returns the gates drawn."""
+    from actors.gates import is_cutoff
 
     used_gates = set()
-    for t in range(m):
-        for s in range(m):
+    for t in range(graph.num_nodes):
+        for s in range(graph.num_nodes):
             gate = graph.gates[t][s]
             if is_cutoff(gate):
                 continue
             used_gates.add(gate)
             color = GATE_COLORS.get(gate, "#444444")
-            if s == t:  # label edge: a loop on the outside of the node
-                path, (ox, oy) = _loop_path(pos[t], angles[t], a, b, loop_r)
-                ax.add_patch(FancyArrowPatch(path=path, arrowstyle="-|>", mutation_scale=13, color=color,
-                                             linewidth=1.5, zorder=2))
-                ux, uy = math.cos(angles[t]), math.sin(angles[t])
-                ha = "left" if ux > 0.35 else ("right" if ux < -0.35 else "center")
-                va = "bottom" if uy > 0.35 else ("top" if uy < -0.35 else "center")
-                ax.text(ox + 0.03 * ux, oy + 0.03 * uy, edge_text(graph, t, s), ha=ha, va=va, fontsize=9, color=color,
-                        zorder=5)
-                continue
-            rad = 0.18
-            (x1, y1), (x2, y2) = pos[s], pos[t]
-            ax.add_patch(FancyArrowPatch((x1, y1), (x2, y2), arrowstyle="-|>", mutation_scale=15,
-                                         connectionstyle=f"arc3,rad={rad}", patchA=ellipses[s], patchB=ellipses[t],
-                                         shrinkA=1, shrinkB=2, color=color, linewidth=1.5, zorder=2))
-            # the label sits on the curve, nearer the arrowhead than the tail (so the labels of
-            # crossing edges spread out): arc3's quadratic Bezier with control point
-            # mid + rad * (dy, -dx), at parameter u
-            dx, dy = x2 - x1, y2 - y1
-            cx, cy = (x1 + x2) / 2 + rad * dy, (y1 + y2) / 2 - rad * dx
-            u = 0.62
-            mx = (1 - u) ** 2 * x1 + 2 * u * (1 - u) * cx + u ** 2 * x2
-            my = (1 - u) ** 2 * y1 + 2 * u * (1 - u) * cy + u ** 2 * y2
-            ax.text(mx, my, edge_text(graph, t, s), ha="center", va="center", fontsize=9, color=color, zorder=5,
-                    rotation=_upright(math.degrees(math.atan2(dy, dx))), rotation_mode="anchor",
-                    bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.9))
+            if s == t:
+                _draw_label_edge(ax, graph, t, pos[t], angles[t], a, b, color)
+            else:
+                _draw_cross_edge(ax, graph, t, s, pos, ellipses, color)
+    return used_gates
 
-    if title is None:
-        what = graph.loss if graph.kinds is None else "edge kinds"
-        title = f"{graph.name}  (T={graph.temperature:g}, {what}, reduction={graph.reduction})"
-    ax.set_title(title, fontsize=12, pad=4)
+
+def _draw_label_edge(ax, graph: "GraphSpec", t: int, center, angle: float, a: float, b: float, color: str) -> None:
+    """Node t's label edge: a loop on the outside of the node, its label beyond it."""
+    from matplotlib.patches import FancyArrowPatch
+
+    path, (ox, oy) = _loop_path(center, angle, a, b, 0.13)
+    ax.add_patch(FancyArrowPatch(path=path, arrowstyle="-|>", mutation_scale=13, color=color, linewidth=1.5, zorder=2))
+    ux, uy = math.cos(angle), math.sin(angle)
+    ha = "left" if ux > 0.35 else ("right" if ux < -0.35 else "center")
+    va = "bottom" if uy > 0.35 else ("top" if uy < -0.35 else "center")
+    ax.text(ox + 0.03 * ux, oy + 0.03 * uy, edge_text(graph, t, t), ha=ha, va=va, fontsize=9, color=color, zorder=5)
+
+
+def _draw_cross_edge(ax, graph: "GraphSpec", t: int, s: int, pos, ellipses, color: str) -> None:
+    """Edge s -> t: a curved arrow between the two nodes' rims, labelled on the curve."""
+    from matplotlib.patches import FancyArrowPatch
+
+    rad = 0.18
+    (x1, y1), (x2, y2) = pos[s], pos[t]
+    ax.add_patch(FancyArrowPatch((x1, y1), (x2, y2), arrowstyle="-|>", mutation_scale=15,
+                                 connectionstyle=f"arc3,rad={rad}", patchA=ellipses[s], patchB=ellipses[t],
+                                 shrinkA=1, shrinkB=2, color=color, linewidth=1.5, zorder=2))
+    # the label sits on the curve, nearer the arrowhead than the tail (so the labels of
+    # crossing edges spread out): arc3's quadratic Bezier with control point
+    # mid + rad * (dy, -dx), at parameter u
+    dx, dy = x2 - x1, y2 - y1
+    cx, cy = (x1 + x2) / 2 + rad * dy, (y1 + y2) / 2 - rad * dx
+    u = 0.62
+    mx = (1 - u) ** 2 * x1 + 2 * u * (1 - u) * cx + u ** 2 * x2
+    my = (1 - u) ** 2 * y1 + 2 * u * (1 - u) * cy + u ** 2 * y2
+    ax.text(mx, my, edge_text(graph, t, s), ha="center", va="center", fontsize=9, color=color, zorder=5,
+            rotation=_upright(math.degrees(math.atan2(dy, dx))), rotation_mode="anchor",
+            bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.9))
+
+
+def _graph_legend(fig, graph: "GraphSpec", used_gates: set[str], top: float) -> None:
+    """The legend (target, frozen teachers, the gates drawn) under the graph, whose axes
+    start at ``top`` (a fraction of the figure's height), and the caption below it."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     handles = [Patch(facecolor="#fde9c8", edgecolor="#c0392b", linewidth=2.2, label="node 0: target")]
-    if any(graph.is_frozen(i) for i in range(m)):
+    if any(graph.is_frozen(i) for i in range(graph.num_nodes)):
         handles.append(Patch(facecolor="#cfcfcf", edgecolor="#555555", linestyle="--",
                              label="*: frozen teacher (pretrained, never updated)"))
     for gate in [g for g in GATE_COLORS if g in used_gates] + sorted(used_gates - set(GATE_COLORS)):
         handles.append(Line2D([], [], color=GATE_COLORS.get(gate, "#444444"), linewidth=2, label=gate))
     fig.legend(handles=handles, loc="upper center", ncol=min(3, len(handles)), fontsize=9, frameon=False,
-               bbox_to_anchor=(0.5, bottom / total))
+               bbox_to_anchor=(0.5, top))
     caption = ("arrow s \u2192 t: node t learns from node s through the gate written on it;  "
                "loop: the label edge;  no arrow: no edge")
     if graph.kinds is not None:
         caption = ("arrow s \u2192 t: gate: kinds (kl outputs, rd/ra RKD distance/angle, mhgd attention graph; "
                    "loop: ce labels, self self-distillation)")
     fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=8.5, color="#444444")
-    return fig
 
 
 def _matrix_figure(graph: "GraphSpec", title: Optional[str] = None):
     """A graph of more than ``LARGE`` nodes as its gate matrix: cell (t, s) coloured by the
     gate of edge s -> t (row = receiver, column = sender, as ``graph.gates``), Cutoff blank,
     the label edges (diagonal) outlined, node 0's row and column framed in red."""
-    from matplotlib.colors import to_rgb
-    from matplotlib.patches import Patch, Rectangle
-
-    from actors.gates import is_cutoff
-
     m = graph.num_nodes
     labels = [node_label(graph, i) for i in range(m)]
     side = min(0.42 * m, 9.0)  # inches: the matrix
@@ -267,13 +291,29 @@ def _matrix_figure(graph: "GraphSpec", title: Optional[str] = None):
     width, height = left + side + right, top + side + bottom
     fig = _figure(width, height)
     ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
+    rgb, used_gates, cutoff = _gate_cells(graph)
+    ax.imshow(rgb, interpolation="nearest", origin="upper", extent=(-0.5, m - 0.5, m - 0.5, -0.5))
+    _matrix_axes(ax, graph, labels, cell, step, fs)
+    if title is None:
+        title = f"{graph.name}  (T={graph.temperature:g}, {graph.loss}, reduction={graph.reduction})"
+    ax.set_title(title, fontsize=12, pad=8)  # above the top axis's tick labels and label
+    _matrix_legend(fig, graph, used_gates, cutoff, (left + side / 2) / width, (bottom - 0.05) / height, 0.04 / height)
+    return fig
+
+
+def _gate_cells(graph: "GraphSpec") -> tuple[list[list[tuple[float, float, float]]], set[str], bool]:
+    """The matrix's cell colours (row t, column s: the gate of edge s -> t; Cutoff white),
+    the gates present, and whether any edge is Cutoff."""
+    from matplotlib.colors import to_rgb
+
+    from actors.gates import is_cutoff
 
     used_gates: set[str] = set()
     cutoff = False
     rgb = []
-    for t in range(m):
+    for t in range(graph.num_nodes):
         row = []
-        for s in range(m):
+        for s in range(graph.num_nodes):
             gate = graph.gates[t][s]
             if is_cutoff(gate):
                 cutoff = True
@@ -282,7 +322,16 @@ def _matrix_figure(graph: "GraphSpec", title: Optional[str] = None):
                 used_gates.add(gate)
                 row.append(to_rgb(GATE_COLORS.get(gate, "#444444")))
         rgb.append(row)
-    ax.imshow(rgb, interpolation="nearest", origin="upper", extent=(-0.5, m - 0.5, m - 0.5, -0.5))
+    return rgb, used_gates, cutoff
+
+
+def _matrix_axes(ax, graph: "GraphSpec", labels: list[str], cell: float, step: int, fs: float) -> None:
+    """The matrix's grid, every ``step``-th node's label on both axes (the target's red,
+    frozen ones grey), the axis labels, the label edges outlined and node 0's row and
+    column framed in red. ``cell``: a cell's side in inches; ``fs``: the labels' font size."""
+    from matplotlib.patches import Rectangle
+
+    m = graph.num_nodes
     ax.set_xlim(-0.5, m - 0.5)
     ax.set_ylim(m - 0.5, -0.5)
     grid_lw = max(0.3, min(1.0, 0.05 * cell * 72))
@@ -313,23 +362,26 @@ def _matrix_figure(graph: "GraphSpec", title: Optional[str] = None):
     ax.add_patch(Rectangle((-0.5, -0.5), m, 1, **red))  # node 0's row: what the target learns from
     ax.add_patch(Rectangle((-0.5, -0.5), 1, m, **red))  # node 0's column: what it teaches
 
-    if title is None:
-        title = f"{graph.name}  (T={graph.temperature:g}, {graph.loss}, reduction={graph.reduction})"
-    ax.set_title(title, fontsize=12, pad=8)  # above the top axis's tick labels and label
+
+def _matrix_legend(fig, graph: "GraphSpec", used_gates: set[str], cutoff: bool, x: float, top: float,
+                   caption_y: float) -> None:
+    """The matrix's legend (the gates present, Cutoff, label edge, target, frozen) centred
+    at ``x`` below ``top``, and its caption at ``caption_y`` (fractions of the figure)."""
+    from matplotlib.patches import Patch
+
     handles = [Patch(facecolor=GATE_COLORS.get(g, "#444444"), label=g)
                for g in [g for g in GATE_COLORS if g in used_gates] + sorted(used_gates - set(GATE_COLORS))]
     if cutoff:
         handles.append(Patch(facecolor="white", edgecolor="#999999", label="blank: Cutoff (no edge)"))
     handles.append(Patch(facecolor="none", edgecolor="#111111", label="outlined: label edge (diagonal)"))
     handles.append(Patch(facecolor="none", edgecolor="#c0392b", linewidth=2.2, label="node 0: target"))
-    if any(graph.is_frozen(i) for i in range(m)):
+    if any(graph.is_frozen(i) for i in range(graph.num_nodes)):
         handles.append(Patch(facecolor="none", edgecolor="none", label="*: frozen teacher"))
     fig.legend(handles=handles, loc="upper center", ncol=min(4, len(handles)), fontsize=9, frameon=False,
-               bbox_to_anchor=((left + side / 2) / width, (bottom - 0.05) / height))
-    fig.text((left + side / 2) / width, 0.04 / height,
+               bbox_to_anchor=(x, top))
+    fig.text(x, caption_y,
              "rows: receiving node t, columns: sending node s;  cell (t, s): the gate of edge s \u2192 t (gates[t][s])",
              ha="center", va="bottom", fontsize=8.5, color="#444444")
-    return fig
 
 
 def draw_graph(graph: "GraphSpec", stem: Path, title: Optional[str] = None) -> list[Path]:
@@ -711,19 +763,19 @@ def _trial_curve(trial_dir: Path) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def _trial_desc(row: dict[str, str]) -> str:
+def _trial_desc(row: Optional[TrialRow]) -> str:
     """`` (<models>; gates <matrix>)`` of a trials.csv row, or for a graph of more than
     ``LARGE`` nodes a count of each (`` (16 nodes: 16 x convnet; gates 240 T, 16 X)``)."""
-    if not row.get("models"):
+    if row is None or not row.models:
         return ""
-    models = [m.strip() for m in row["models"].split(",")]
+    models = [m.strip() for m in row.models.split(",")]
     if len(models) <= LARGE:
-        return f" ({row['models']}; gates {row.get('gates', '?')})"
+        return f" ({row.models}; gates {row.gates})"
     counts: dict[str, int] = {}
     for name in models:
         counts[name] = counts.get(name, 0) + 1
     gates: dict[str, int] = {}
-    for g in row.get("gates", "").replace("/", " ").split():
+    for g in row.gates.replace("/", " ").split():
         gates[g] = gates.get(g, 0) + 1
     return (f" ({len(models)} nodes: {', '.join(f'{c} x {m}' for m, c in counts.items())}; gates "
             f"{', '.join(f'{c} {g}' for g, c in sorted(gates.items(), key=lambda gc: -gc[1]))})")
@@ -735,15 +787,47 @@ def draw_search(search_dir: Path, stem: Path, grace: Optional[int] = None, rf: O
     best trial highlighted: ``<stem>.png/.svg``; and the best graph (``best_graph.yaml``) as
     ``<stem>_best_graph.png/.svg``. ASHA's parameters come from the search folder (see
     ``search_asha_params``); ``grace``/``rf``/``max_epochs`` override them."""
-    from matplotlib.lines import Line2D
-    from matplotlib.transforms import blended_transform_factory
-
     search_dir = Path(search_dir)
     stem = Path(stem)
-    statuses: dict[str, dict[str, str]] = {}
+    rows, summary, curves = _search_records(search_dir)
+    grace, rf, max_epochs = _asha_schedule(search_dir, curves, grace, rf, max_epochs)
+    best = summary.get("best_trial")
+    if best not in curves:  # no summary (an interrupted search): choose as the search does
+        best = _best_curve(curves, rows)
+
+    fig = _figure(10.5, 6.0)
+    ax = fig.add_subplot(1, 1, 1)
+    counts = _plot_trials(ax, curves, rows, best, max_epochs)
+    _epoch_axis(ax, grace, rf, max_epochs)
+    _search_legend(ax, curves, rows, best, counts, grace, rf, max_epochs)
+    if title is None:
+        n = len(set(rows) | set(curves))
+        title = f"search {search_dir.resolve().name}: {n} trials" + (
+            f" ({len(curves)} with a recorded epoch)" if len(curves) < n else "")
+    ax.set_title(title, fontsize=12, pad=22)
+    fig.tight_layout()
+    paths = _save(fig, stem)
+
+    best_yaml = search_dir / "best_graph.yaml"
+    if best_yaml.is_file():
+        graph = load_graph_file(best_yaml)
+        acc = summary.get("best_val_acc")
+        paths += draw_graph(graph, stem.parent / f"{stem.name}_best_graph",
+                            title=f"best graph of {search_dir.resolve().name}"
+                                  + (f"\n{best}: target val acc {acc:.1f}" if isinstance(acc, (int, float)) else ""))
+    return paths
+
+
+Curves = dict[str, tuple[list[int], list[float]]]
+"""A search's trials' curves: trial folder name -> (epochs, target val accuracies)."""
+
+
+def _search_records(search_dir: Path) -> tuple[dict[str, TrialRow], dict[str, Any], Curves]:
+    """What a search folder records: its trials.csv rows by trial, its search_summary.json
+    (empty when absent or unreadable), and the curve of every trial with an epoch."""
+    rows: dict[str, TrialRow] = {}
     if (search_dir / "trials.csv").is_file():
-        with open(search_dir / "trials.csv", newline="") as f:
-            statuses = {r["trial"]: r for r in csv.DictReader(f) if r.get("trial")}
+        rows = {r.trial: r for r in read_trials(search_dir / "trials.csv") if r.trial}
     summary: dict[str, Any] = {}
     if (search_dir / "search_summary.json").is_file():
         try:
@@ -758,7 +842,13 @@ def draw_search(search_dir: Path, stem: Path, grace: Optional[int] = None, rf: O
                 curves[d.name] = (xs, ys)
     if not curves:
         raise ValueError(f"{search_dir}: no trial_*/metrics.jsonl with an epoch in it: nothing to draw")
+    return rows, summary, curves
 
+
+def _asha_schedule(search_dir: Path, curves: Curves, grace: Optional[int], rf: Optional[float],
+                   max_epochs: Optional[int]) -> tuple[int, float, int]:
+    """ASHA's grace period, reduction factor and max epochs: those given, else as the search
+    recorded them (``search_asha_params``), else 1, 2 and the longest trial."""
     asha = search_asha_params(search_dir)
     grace = int(grace if grace is not None else asha.get("grace_period", 1))
     rf = float(rf if rf is not None else asha.get("reduction_factor", 2))
@@ -766,21 +856,25 @@ def draw_search(search_dir: Path, stem: Path, grace: Optional[int] = None, rf: O
                      asha.get("max_epochs", max(max(xs) for xs, _ in curves.values())))
     if rf == int(rf):
         rf = int(rf)
+    return grace, rf, max_epochs
 
-    best = summary.get("best_trial")
-    if best not in curves:  # no summary (an interrupted search): choose as the search does,
-        # the highest last accuracy among the trials that trained longest, failed ones excluded
-        ok = [t for t in curves if not statuses.get(t, {}).get("status", "").startswith(("failed", "invalid"))]
-        ok = ok or list(curves)
-        top = max(curves[t][0][-1] for t in ok)
-        best = max((t for t in ok if curves[t][0][-1] == top), key=lambda t: curves[t][1][-1])
 
-    fig = _figure(10.5, 6.0)
-    ax = fig.add_subplot(1, 1, 1)
-    kinds = {"completed": 0, "stopped": 0, "failed": 0}
+def _best_curve(curves: Curves, rows: dict[str, TrialRow]) -> str:
+    """The best trial as the search chooses it: the highest last accuracy among the trials
+    that trained longest, failed ones excluded."""
+    ok = [t for t in curves if not (rows[t].status if t in rows else "").startswith(("failed", "invalid"))]
+    ok = ok or list(curves)
+    top = max(curves[t][0][-1] for t in ok)
+    return max((t for t in ok if curves[t][0][-1] == top), key=lambda t: curves[t][1][-1])
+
+
+def _plot_trials(ax, curves: Curves, rows: dict[str, TrialRow], best: str, max_epochs: int) -> dict[str, int]:
+    """Every trial's curve, coloured by how it ended (the best one last, on top); returns
+    how many of the others completed, were stopped, failed."""
+    counts = {"completed": 0, "stopped": 0, "failed": 0}
     short = max_epochs <= 40  # a marker per epoch only where they can be told apart
     for name, (xs, ys) in sorted(curves.items(), key=lambda kv: kv[0] == best):
-        status = statuses.get(name, {}).get("status", "")
+        status = rows[name].status if name in rows else ""
         if not status:
             status = "completed" if xs[-1] >= max_epochs else "stopped by ASHA"
         if name == best:
@@ -791,7 +885,7 @@ def draw_search(search_dir: Path, stem: Path, grace: Optional[int] = None, rf: O
             color, end, kind = "#7f8c8d", "x", "stopped"
         else:
             color, end, kind = "#2e86c1", "o", "completed"
-        kinds[kind] += 1
+        counts[kind] += 1
         (line,) = ax.plot(xs, ys, "-", color=color, alpha=0.55, linewidth=1.2, marker=".", markersize=4 if short else 0)
         line.set_gid(name)
         ax.plot(xs[-1:], ys[-1:], end, color=color, markersize=7, alpha=0.9)
@@ -799,6 +893,13 @@ def draw_search(search_dir: Path, stem: Path, grace: Optional[int] = None, rf: O
     (line,) = ax.plot(xs, ys, "-", color="#e67e22", linewidth=3, marker="o", markersize=4 if short else 0, zorder=5)
     line.set_gid(best)
     ax.plot(xs[-1:], ys[-1:], "*", color="#e67e22", markersize=16, zorder=6, markeredgecolor="#7e3f00")
+    return counts
+
+
+def _epoch_axis(ax, grace: int, rf: float, max_epochs: int) -> None:
+    """ASHA's rungs as dotted lines; the epoch axis in log scale when the rungs span
+    4 or more factors of ``rf``; the axis labels."""
+    from matplotlib.transforms import blended_transform_factory
 
     rungs = asha_rungs(grace, rf, max_epochs)
     use_log = max_epochs / grace >= rf ** 4
@@ -824,36 +925,27 @@ def draw_search(search_dir: Path, stem: Path, grace: Optional[int] = None, rf: O
     ax.set_ylabel("target (node 0) validation accuracy (%)")
     ax.grid(True, alpha=0.25)
 
-    desc = _trial_desc(statuses.get(best, {}))
+
+def _search_legend(ax, curves: Curves, rows: dict[str, TrialRow], best: str, counts: dict[str, int], grace: int,
+                   rf: float, max_epochs: int) -> None:
+    """The legend under the search picture: the best trial (its graph described), the count
+    of each kind of other trial, the trials that failed before an epoch, ASHA's rungs."""
+    from matplotlib.lines import Line2D
+
+    desc = _trial_desc(rows.get(best))
     handles = [Line2D([], [], color="#e67e22", linewidth=3, marker="*", markersize=12,
                       label=f"best: {best}, val {curves[best][1][-1]:.1f}{desc}")]
     labels = {"completed": ("#2e86c1", "o", "ran all epochs"), "stopped": ("#7f8c8d", "x", "stopped by ASHA"),
               "failed": ("#c0392b", "X", "failed")}
-    for kind, count in kinds.items():
+    for kind, count in counts.items():
         if count:
             color, marker, text = labels[kind]
             handles.append(Line2D([], [], color=color, marker=marker, alpha=0.8, label=f"{text} ({count})"))
     # trials that failed before their first epoch have no line; the legend still counts them
-    no_curve = [t for t, r in statuses.items() if t not in curves and r.get("status", "").startswith("failed")]
+    no_curve = [t for t, r in rows.items() if t not in curves and r.status.startswith("failed")]
     if no_curve:
         handles.append(Line2D([], [], color="#c0392b", marker="X", linestyle="none",
                               label=f"failed before their first epoch ({len(no_curve)})"))
     handles.append(Line2D([], [], color="#555555", linestyle=":",
                           label=f"ASHA rungs: grace {grace} \u00d7 {rf}^k epochs (max {max_epochs})"))
     ax.legend(handles=handles, fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2, frameon=False)
-    if title is None:
-        n = len(set(statuses) | set(curves))
-        title = f"search {search_dir.resolve().name}: {n} trials" + (
-            f" ({len(curves)} with a recorded epoch)" if len(curves) < n else "")
-    ax.set_title(title, fontsize=12, pad=22)
-    fig.tight_layout()
-    paths = _save(fig, stem)
-
-    best_yaml = search_dir / "best_graph.yaml"
-    if best_yaml.is_file():
-        graph = load_graph_file(best_yaml)
-        acc = summary.get("best_val_acc")
-        paths += draw_graph(graph, stem.parent / f"{stem.name}_best_graph",
-                            title=f"best graph of {search_dir.resolve().name}"
-                                  + (f"\n{best}: target val acc {acc:.1f}" if isinstance(acc, (int, float)) else ""))
-    return paths
