@@ -92,6 +92,20 @@ class SearchConfig:
     """The console: 1 (default) a line per ended trial and a status line every 30 s; 0 none of them."""
 
     def __post_init__(self) -> None:
+        self._check_models()
+        self._check_edges()
+        self._check_schedule()
+        self._check_trials()
+        if self.grace_period > self.max_epochs:
+            raise ConfigError(f"search.grace_period={self.grace_period} exceeds search.max_epochs={self.max_epochs}")
+        self.extra = _flatten(self.extra or {})
+        for key, values in self.extra.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"search.extra.{key} must be a non-empty list of values to try")
+
+    def _check_models(self) -> None:
+        """search.models (which sets num_nodes, target_model, zoo), num_nodes, target_model
+        and zoo: known models, in their canonical names."""
         if self.models is not None:
             if not isinstance(self.models, list) or not self.models:
                 raise ConfigError(f"search.models must be a non-empty list of model names (node 0 first); got {self.models!r}")
@@ -111,6 +125,10 @@ class SearchConfig:
             raise ConfigError("search.zoo is empty: list the models the non-target nodes may use")
         self.target_model = MODELS.canonical(self.target_model)
         self.zoo = [MODELS.canonical(m) for m in self.zoo]
+
+    def _check_edges(self) -> None:
+        """search.gates (known, and not all Cutoff) and search.edge_kinds (searchable kinds,
+        each choice once), in their canonical names."""
         for i, g in enumerate(self.gates):
             if g not in GATES:
                 raise ConfigError(f"search.gates[{i}]: unknown gate {g!r}; known: {', '.join(GATES.names())}")
@@ -135,6 +153,9 @@ class SearchConfig:
             if len(set(choices)) != len(choices):
                 raise ConfigError(f"search.edge_kinds lists a choice twice: {choices}")
             self.edge_kinds = choices
+
+    def _check_schedule(self) -> None:
+        """The sampler (search.frozen, search.searcher), the trial budget and ASHA's schedule."""
         if self.frozen not in FROZEN_POLICIES:
             raise ConfigError(f"search.frozen must be one of {', '.join(FROZEN_POLICIES)}; got {self.frozen!r}")
         if self.searcher not in SEARCHERS:
@@ -145,6 +166,9 @@ class SearchConfig:
                 raise ConfigError(f"search.{key} must be an integer >= 1; got {v!r}")
         if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor < 2:
             raise ConfigError(f"search.reduction_factor must be >= 2; got {self.reduction_factor!r}")
+
+    def _check_trials(self) -> None:
+        """How each trial runs: its processes, warm groups, GPUs per process."""
         if not isinstance(self.processes_per_trial, int) or isinstance(self.processes_per_trial, bool) \
                 or not 0 <= self.processes_per_trial <= self.num_nodes:
             raise ConfigError(f"search.processes_per_trial must be an integer from 0 (one per node) to search.num_nodes="
@@ -163,12 +187,6 @@ class SearchConfig:
                 "of one trial the same GPU, and NCCL cannot run two ranks of one group on one GPU; use "
                 "search.gpus_per_node=1, or search.processes_per_trial=1 to pack each trial's graph into one process "
                 "on a share of a GPU")
-        if self.grace_period > self.max_epochs:
-            raise ConfigError(f"search.grace_period={self.grace_period} exceeds search.max_epochs={self.max_epochs}")
-        self.extra = _flatten(self.extra or {})
-        for key, values in self.extra.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"search.extra.{key} must be a non-empty list of values to try")
 
     @property
     def processes(self) -> int:
