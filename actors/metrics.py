@@ -12,13 +12,17 @@ Every edge s -> t of node t has two recorded values, under keys made and read by
     gate_<s>_to_<t>_<Gate>    mean weight its gate put on the samples
 
 (s = t is the label edge.) The recorder turns them into wandb keys, the pictures into
-curves; both parse them here.
+curves; both parse them here. ``read_metrics_file`` reads the rows back (a resume, the
+pictures).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 EDGE_LOSS = "edge"
@@ -93,3 +97,24 @@ class NodeEpochMetrics:
             elif f.name not in ("edge_loss", "gate_weight"):
                 row[f.name] = getattr(self, f.name)
         return row
+
+
+def read_metrics_file(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of a ``metrics.jsonl`` (JSON objects with an integer ``epoch`` and ``node``),
+    in file order, an epoch recorded twice kept twice; and a note for each other non-blank
+    line ("line N", "(the last, cut short)" when it ends the file: a crash mid-write).
+    A missing file raises ``FileNotFoundError``."""
+    rows, bad = [], []
+    lines = Path(path).read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int) and isinstance(row.get("node"), int):
+                rows.append(row)
+                continue
+        except ValueError:
+            pass
+        bad.append(f"line {n}{' (the last, cut short)' if n == len(lines) else ''}")
+    return rows, bad

@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 from actors.config import RunConfig
 from actors.errors import ConfigError
 from actors.files import atomic_save, atomic_write_text, load_state
+from actors.metrics import read_metrics_file
 
 log = logging.getLogger("ktg")
 
@@ -425,34 +426,14 @@ class RunDir:
 
     # --- metrics and summary -----------------------------------------------------------------------
 
-    def read_metrics(self) -> tuple[list[dict[str, Any]], list[str]]:
-        """The rows of ``metrics.jsonl`` that parse, and a note for each line that does not
-        (a cut last line after a crash)."""
-        path = self.path / METRICS
-        if not path.exists():
-            return [], []
-        rows, bad = [], []
-        lines = path.read_text().splitlines()
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if isinstance(row, dict) and isinstance(row.get("epoch"), int) and isinstance(row.get("node"), int):
-                    rows.append(row)
-                    continue
-            except ValueError:
-                pass
-            bad.append(f"line {n}{' (the last, cut short)' if n == len(lines) else ''}")
-        return rows, bad
-
     def keep_metrics(self, epoch: int, num_nodes: int) -> list[list[dict[str, Any]]]:
         """Keep the rows of epochs 1..``epoch`` (those the checkpoint holds), each (epoch,
         node) once; drop later rows and lines that do not parse. Rewrites the file
         atomically and returns the complete epochs, one list of rows (by node) each."""
-        rows, bad = self.read_metrics()
+        path = self.path / METRICS
+        rows, bad = read_metrics_file(path) if path.exists() else ([], [])
         if bad:
-            log.warning(f"[resume] {self.path / METRICS}: dropped {', '.join(bad)} (not a metrics row)")
+            log.warning(f"[resume] {path}: dropped {', '.join(bad)} (not a metrics row)")
         by_key = {(r["epoch"], r["node"]): r for r in rows if r["epoch"] <= epoch and 0 <= r["node"] < num_nodes}
         kept = [by_key[k] for k in sorted(by_key)]
         atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), self.path / METRICS)

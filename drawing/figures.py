@@ -400,19 +400,12 @@ def graph_image(graph: "GraphSpec", path: Path) -> Path:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The lines of a ``metrics.jsonl``; for a resumed run whose epochs were recorded twice,
-    the last record of each (node, epoch) wins. Sorted by (node, epoch)."""
-    rows: dict[tuple[int, int], dict[str, Any]] = {}
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        if isinstance(r, dict) and "epoch" in r and "node" in r:
-            rows[(int(r["node"]), int(r["epoch"]))] = r
+    """The rows of a ``metrics.jsonl`` (a line cut short by a crash skipped); for a resumed
+    run whose epochs were recorded twice, the last record of each (node, epoch) wins.
+    Sorted by (node, epoch)."""
+    from actors.metrics import read_metrics_file
+
+    rows = {(r["node"], r["epoch"]): r for r in read_metrics_file(path)[0]}
     return [rows[k] for k in sorted(rows)]
 
 
