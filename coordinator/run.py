@@ -2,8 +2,8 @@
 
 ``run_node`` is what every rank executes: the run directory's lock (rank 0), the node's
 start-up (``actors.start.start_node``: preflight, process group, worker), the agreed start
-(fresh or resumed, ``RunDir.start``), the epoch loop (``coordinator.epochs``), and teardown
-in ``finally``.
+(fresh or resumed, ``coordinator.resume.agree_start``), the epoch loop
+(``coordinator.epochs``), and teardown in ``finally``.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from actors.start import start_node
 from actors.worker import NodeWorker
 from coordinator.epochs import drive_epochs
 from coordinator.recorder import RunRecorder
+from coordinator.resume import agree_start
 from coordinator.rundir import RunDir
 
 log = logging.getLogger("ktg")
@@ -75,8 +76,8 @@ def run_node(cfg: RunConfig, run_dir: str | Path, rank: int, world_size: int, lo
         recorder = None
         try:
             exchange = worker.exchange
-            start = rd.start(cfg, rank, worker.placement, config_dict or cfg.to_dict(),
-                             exchange.gather_objects, exchange.broadcast_object)
+            start = agree_start(rd, cfg, rank, worker.placement, config_dict or cfg.to_dict(),
+                                exchange.gather_objects, exchange.broadcast_object)
             if start.states is not None:
                 worker.load_states(start.states)
             if rank == 0:

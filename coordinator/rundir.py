@@ -1,6 +1,7 @@
-"""The run directory and its one owner, ``RunDir``: layout, lock, config check, the
-verified choice of the epoch to resume from, the metrics rows kept on resume, and every
-write (atomic, with the user's usual file permissions).
+"""The run directory and its one owner, ``RunDir``: layout, lock, the recorded config and
+the settings a resume must keep, each node checkpoint checked as it loads, the metrics
+rows kept on resume, the summary, and every write (atomic, with the user's usual file
+permissions).
 
     <run_dir>/
       .lock                        held (flock) by rank 0 of the run that owns the directory
@@ -15,9 +16,10 @@ write (atomic, with the user's usual file permissions).
       replaced/<time>/             the outputs of an earlier run, set aside by a fresh start
       .hydra/, launch.log          hydra's own, rewritten by each command
 
-Nothing here is a collective: ``start`` is handed the group's ``gather`` and ``broadcast``
-(one object per rank), so the same code serves torchrun and a single process. The worker
-never sees the directory: it is handed a ``NodeFiles``, where its node's state goes.
+Nothing here is a collective: where a run starts (fresh, or resumed from which epoch) is
+agreed by every rank in ``coordinator.resume``, which reads and writes through ``RunDir``.
+The worker never sees the directory: it is handed a ``NodeFiles``, where its node's state
+goes.
 """
 from __future__ import annotations
 
@@ -29,9 +31,8 @@ import os
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from actors.config import RunConfig
 from actors.errors import ConfigError
@@ -50,16 +51,6 @@ OUTPUTS = (CONFIG, STATE, METRICS, SUMMARY, "checkpoints", "wandb", "pictures")
 KEPT = (("seed",), ("graph",), ("dataset",), ("optim",), ("train", "batch_size"), ("train", "max_steps_per_epoch"),
         ("train", "precision"))
 START_OVER = "start over with train.resume=false (the old outputs are moved to replaced/), or use a new hydra.run.dir"
-
-
-@dataclass
-class Start:
-    """Where a run starts, agreed by every rank: ``epoch`` epochs are done (0 = fresh), and
-    ``states`` are this process's nodes' states at that point, by node (None when fresh)."""
-
-    epoch: int = 0
-    states: Optional[dict[int, dict[str, Any]]] = None
-    history: list[list[dict[str, Any]]] = field(default_factory=list)  # rank 0: kept metrics, per epoch
 
 
 class NodeFiles:
@@ -84,7 +75,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock_fd: Optional[int] = None
-        self.tends_own_copy = False  # set by start(): this rank keeps a machine's own copy
+        self.tends_own_copy = False  # set by coordinator.resume: this rank keeps a machine's own copy
 
     def __str__(self) -> str:
         return str(self.path)
@@ -194,9 +185,12 @@ class RunDir:
 
     def mark_complete(self, epoch: int, num_nodes: int, keep: int = 2) -> None:
         """Rank 0, after every node saved ``epoch``: move the marker, prune old epochs."""
-        root = self.path / "checkpoints"
-        atomic_write_text(json.dumps({"epoch": epoch, "nodes": num_nodes}) + "\n", root / MARKER)
+        self.write_marker(epoch, num_nodes)
         self.prune(epoch, keep)
+
+    def write_marker(self, epoch: int, num_nodes: int) -> None:
+        """``checkpoints/latest.json``: ``epoch`` is the newest epoch every node saved."""
+        atomic_write_text(json.dumps({"epoch": epoch, "nodes": num_nodes}) + "\n", self.path / "checkpoints" / MARKER)
 
     def prune(self, epoch: int, keep: int = 2) -> None:
         """Remove all but the newest ``keep`` epoch folders (never ``epoch``'s): rank 0, and
@@ -255,174 +249,6 @@ class RunDir:
         if meta.get("node", index) != index or meta.get("model") != model:
             return None, f"{path} holds node {meta.get('node')} ({meta.get('model')}), not node {index} ({model})"
         return state, None
-
-    # --- the start of a run: every rank agrees before anything is written ---------------------------
-
-    def start(self, cfg: RunConfig, rank: int, placement: list[list[int]], config: dict[str, Any],
-              gather: Callable[[Any], list[Any]], broadcast: Callable[[Any], Any]) -> Start:
-        """Decide with every rank where the run starts, then (rank 0) prepare the directory.
-
-        1. Each rank says what it sees; rank 0 judges the directory: with ``train.resume``
-           and checkpoints present, the recorded config must be readable and agree (else
-           every rank raises the same ConfigError).
-        2. From the newest candidate epoch down (never past the marker), each node's file is
-           loaded by the rank that hosts it (``placement[rank]``) or, when that rank's copy of
-           the directory lacks it (several machines, no shared disk, ranks placed anew), by
-           a rank that has it, and sent over; the first epoch that every node has intact
-           is the start (each fallback is said). Checkpoints present but none intact: a
-           one-line error naming the file.
-        3. Only then rank 0 writes: a fresh start sets the earlier run's outputs aside; a
-           resume keeps the metrics rows of the epochs it resumes (each once, a cut last
-           line dropped); so does the first rank of each machine with its own copy, to its
-           copy. Every outcome is gathered, so a failed write stops every rank."""
-        seen = gather(self.scan())
-        holder = max(range(len(seen)), key=lambda r: (seen[r]["marker"] or 0, r == 0))  # the newest marker; ties: rank 0
-        if holder != 0:
-            # the run's record (config, marker, metrics) is on another machine's copy, whose
-            # rank 0 it was in an earlier attempt: it comes to this rank 0's copy first
-            record = gather(self.record_files() if rank == holder else None)[holder]
-            if rank == 0:
-                for name, text in record.items():
-                    atomic_write_text(text, self.path / name)
-                log.info(f"[resume] the run's record (config, checkpoint marker, metrics) was on the machine of rank "
-                         f"{holder} this time: copied to {self.path}")
-            seen[0] = gather(self.scan())[0]
-        # ranks whose copy of the directory is not rank 0's (another machine, no shared disk):
-        # the first rank of each such copy tends it (sets aside, prunes)
-        copies = [None if s["owner"] == seen[0]["owner"] else (s["host"], s["owner"]) for s in seen]
-        self.tends_own_copy = copies[rank] is not None and copies.index(copies[rank]) == rank
-        verdict = self._judge(cfg, seen) if rank == 0 else None
-        verdict = broadcast(verdict)
-        for note in verdict["notes"] if rank == 0 else ():
-            log.info(note)
-        if verdict["error"]:
-            raise ConfigError(verdict["error"])
-        start = Start()
-        problems: list[str] = []
-        host_of = {t: r for r, hosted in enumerate(placement) for t in hosted}
-        for epoch in verdict["candidates"]:
-            present = gather([t for t in range(cfg.graph.num_nodes) if self.checkpoint_path(epoch, t).is_file()])
-            provider = {t: host_of[t] if t in present[host_of[t]] else next((r for r, ts in enumerate(present) if t in ts), None)
-                        for t in host_of}
-            loaded = {t: self.load_checkpoint(epoch, t, cfg.graph.nodes[t].model) for t, r in provider.items() if r == rank}
-            mine = [why for _, why in loaded.values() if why]
-            if rank == 0:
-                mine += [f"{self.checkpoint_path(epoch, t)} is missing" for t, r in provider.items() if r is None]
-            whys = [w for ws in gather(mine) for w in ws]
-            if not whys:
-                states = {t: s for t, (s, _) in loaded.items() if host_of[t] == rank}
-                away = {t: s for t, (s, _) in loaded.items() if host_of[t] != rank}
-                if any(r != host_of[t] for t, r in provider.items()):  # some node's file is on another machine
-                    for sent in gather(away):
-                        states.update({t: s for t, s in sent.items() if host_of[t] == rank})
-                start = Start(epoch, states)
-                break
-            problems += whys
-        if rank == 0 and problems:
-            log.warning("[resume] skipped a damaged checkpoint: " + "; ".join(problems)
-                        + (f"; resuming from epoch {start.epoch}, the newest epoch every node has intact"
-                           if start.epoch else ""))
-        if verdict["candidates"] and not start.epoch:
-            if verdict["marker"]:
-                raise ConfigError(f"no epoch in {self.path / 'checkpoints'} is intact on every node ({problems[0]}); "
-                                  f"{START_OVER}")
-            # no marker: no group checkpoint was ever completed (a crash while the first was
-            # being written): nothing to resume, so a fresh start (the partial files set aside)
-            if rank == 0:
-                log.warning(f"[resume] {self.path / 'checkpoints'} holds no complete group checkpoint: starting fresh")
-        if start.epoch > cfg.train.epochs:
-            raise ConfigError(f"{self.path} holds a run at epoch {start.epoch} but train.epochs={cfg.train.epochs}: "
-                              f"a run cannot be shortened; use train.epochs>={start.epoch}, or {START_OVER}")
-        outcome = None
-        try:
-            if rank == 0:
-                start.history = self._prepare_writes(cfg, start.epoch, config)
-            elif self.tends_own_copy:
-                self._prepare_own_copy(cfg, start.epoch)
-        except OSError as e:
-            outcome = f"cannot prepare the run directory {self.path} ({type(e).__name__}: {e})"
-        outcomes = [o for o in gather(outcome) if o]
-        outcome = outcomes[0] if outcomes else None
-        if outcome:
-            raise ConfigError(outcome)
-        return start
-
-    def _judge(self, cfg: RunConfig, seen: list[dict[str, Any]]) -> dict[str, Any]:
-        """Rank 0: the candidate epochs to try (newest first), notes to print, or an error."""
-        mine = seen[0]
-        epochs = sorted({e for s in seen for e in s["epochs"]}, reverse=True)
-        has_checkpoints = bool(epochs) or mine["marker_exists"]
-        verdict: dict[str, Any] = {"error": None, "candidates": [], "notes": [], "marker": mine["marker_exists"]}
-        if not cfg.train.resume or not has_checkpoints:
-            return verdict
-        try:
-            previous = self.read_config()
-        except ConfigError as e:
-            return {**verdict, "error": str(e)}
-        for i, (a, b) in enumerate(zip(previous.graph.nodes, cfg.graph.nodes)):
-            if a.model != b.model:
-                return {**verdict, "error": f"{self.path}/checkpoints holds node {i} as a {a.model}, but the graph says "
-                                            f"{b.model}: resume with the same graph, or {START_OVER}"}
-        changed = changed_settings(previous, cfg)
-        if changed:
-            return {**verdict, "error": f"{self.path} holds a checkpoint of a run with other {', '.join(changed)}; "
-                                        f"resuming it with this config would mix two experiments: {START_OVER}"}
-        if mine["marker_problem"]:
-            verdict["notes"].append(f"[resume] {mine['marker_problem']}: trying every epoch folder, newest first")
-        elif mine["marker"] is not None:
-            if mine["marker"] not in epochs:
-                verdict["notes"].append(f"[resume] checkpoints/{MARKER} names epoch {mine['marker']}, whose folder is "
-                                        "missing: trying the older ones")
-            epochs = [e for e in epochs if e <= mine["marker"]]
-        else:
-            verdict["notes"].append(f"[resume] checkpoints/{MARKER} is missing: trying every epoch folder, newest first")
-        if previous.train.epochs != cfg.train.epochs and epochs:
-            verdict["notes"].append(
-                f"[resume] extending the run from {previous.train.epochs} to {cfg.train.epochs} epochs: from the resumed "
-                f"step on, the learning-rate schedule and the Linear/NegativeLinear gates follow the new total "
-                f"(README, 'Extending a run')")
-        if not epochs:
-            return {**verdict, "error": f"{self.path / 'checkpoints'} holds no epoch folder to resume from; "
-                                        f"{START_OVER}"}
-        verdict["candidates"] = epochs
-        return verdict
-
-    def _prepare_own_copy(self, cfg: RunConfig, epoch: int) -> None:
-        """The first rank of a machine with its own copy of the directory: what rank 0 does
-        to its copy, for the node files kept here (a fresh start sets them aside; a resume
-        sets aside epoch folders past ``epoch`` and the final states of an earlier end)."""
-        if epoch == 0:
-            stale = [self.path / "checkpoints", *self.path.glob("node*.pt")]
-        else:
-            stale = [self.epoch_dir(e) for e in self.scan()["epochs"] if e > epoch]
-            if epoch < cfg.train.epochs:
-                stale += list(self.path.glob("node*.pt"))
-        dest = self.set_aside([p for p in stale if p.exists()])
-        if dest is not None:
-            log.info(f"[run dir] this machine's copy {self.path}: moved the node files of an earlier run to {dest}")
-
-    def _prepare_writes(self, cfg: RunConfig, epoch: int, config: dict[str, Any]) -> list[list[dict[str, Any]]]:
-        """Rank 0, once every rank agreed: set aside (fresh) or trim (resume); record the
-        config. Returns the kept metrics, one list of rows per epoch."""
-        history: list[list[dict[str, Any]]] = []
-        if epoch == 0:
-            dest = self.set_aside()
-            if dest is not None:
-                log.info(f"[run dir] {self.path} held the outputs of an earlier run"
-                         f"{' (train.resume=false)' if not cfg.train.resume else ''}: moved them to {dest}")
-        else:
-            history = self.keep_metrics(epoch, cfg.graph.num_nodes)
-            stale = [self.epoch_dir(e) for e in self.scan()["epochs"] if e > epoch]  # damaged or never marked
-            if epoch < cfg.train.epochs:  # the final outputs of an earlier end (an extended run's)
-                stale += [self.path / SUMMARY, *self.path.glob("node*.pt")]
-            dest = self.set_aside([p for p in stale if p.exists()])
-            if dest is not None:
-                log.info(f"[resume] moved what the resumed run will write anew (final outputs of an earlier end, "
-                         f"epoch folders past epoch {epoch}) to {dest}")
-            atomic_write_text(json.dumps({"epoch": epoch, "nodes": cfg.graph.num_nodes}) + "\n",
-                              self.path / "checkpoints" / MARKER)
-        self.write_config(config)
-        return history
 
     # --- metrics and summary -----------------------------------------------------------------------
 

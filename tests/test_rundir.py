@@ -159,10 +159,11 @@ def test_a_fresh_run_sets_the_old_runs_outputs_aside(tmp_path, capfd):
 
 
 def start_alone(cfg, run_dir):
-    """``RunDir.start`` as a group of one (no processes): the directory checks in-process."""
+    """``agree_start`` as a group of one (no processes): the directory checks in-process."""
+    from coordinator.resume import agree_start
     from coordinator.rundir import RunDir
 
-    return RunDir(run_dir).start(cfg, 0, [[0]], cfg.to_dict(), lambda x: [x], lambda x: x)
+    return agree_start(RunDir(run_dir), cfg, 0, [[0]], cfg.to_dict(), lambda x: [x], lambda x: x)
 
 
 def fake_checkpoints(run_dir, cfg, epoch=1):
