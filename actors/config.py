@@ -132,6 +132,12 @@ class TrainConfig:
     num_threads: int = 0
     """torch intra-op threads per process (0 = leave torch's/torchrun's default; torchrun
     sets 1 when it starts more than one process)."""
+    pin_cpus: bool = True
+    """CPU runs under torchrun: each node process binds itself to its own slice of the cores
+    it may use (``os.sched_getaffinity``), local rank r of n to the r-th of n disjoint slices
+    (faster than leaving the processes to the OS scheduler). Not when there are fewer cores than
+    processes on the machine, nor on GPU runs (see ``torchrun --numa-binding``), nor in a
+    search's Ray actors. false: leave placing them to the OS (e.g. when the launcher binds them)."""
     log_every: int = 0
     """With progress=lines: a line every N steps on rank 0 (0 = auto: ~5 per epoch when an
     epoch has >= 200 steps). On an accelerator, also how often the batch check is read."""
@@ -173,7 +179,7 @@ class TrainConfig:
         _choice(self.nonfinite, NONFINITE, "train.nonfinite")
         _positive(self.max_steps_per_epoch, "train.max_steps_per_epoch", allow_zero=True)
         _choice(self.precision, PRECISIONS, "train.precision")
-        for key in ("channels_last", "compile"):
+        for key in ("channels_last", "compile", "pin_cpus"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"train.{key} must be true or false; got {getattr(self, key)!r}")
 

@@ -1,5 +1,5 @@
 """One node's start-up, the same wherever the node runs (a torchrun rank, a Ray actor):
-torch's threads, the preflight (every input check, before any collective), the process
+torch's threads and the process's cores (``set_up_cpu``), the preflight (every input check, before any collective), the process
 group, the worker, and (``train.compile``) the compilation of its models before the first
 collective. ``restart_node``: a warm start, a new graph's worker in a process whose group
 has already formed (a search's next trial on the same actors)."""
@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from actors.config import RunConfig
+from actors.cpus import pin_cpus, torchrun_local_world_size
 from actors.exchange import Exchange, init_distributed, shutdown
 from actors.files import NodeStateFiles
 from actors.preflight import check_checkpoints, check_device, check_world_size, load_data, place_nodes, preflight
@@ -18,15 +19,20 @@ from actors.worker import NodeWorker
 
 def start_node(cfg: RunConfig, rank: int, world_size: int, local_rank: int, init_method: str,
                files: Optional[Callable[[int], NodeStateFiles]] = None, default_threads: int = 0,
-               placement: Optional[list[list[int]]] = None, device: Optional[str] = None) -> NodeWorker:
+               placement: Optional[list[list[int]]] = None, device: Optional[str] = None,
+               local_world_size: Optional[int] = None) -> NodeWorker:
     """Process ``rank``'s worker (the graph nodes ``placement[rank]``; default one node per
     process), in a process group of ``world_size`` formed through ``init_method``.
     ``train.num_threads`` sets torch's threads, else ``default_threads`` (0: leave torch's
     or the launcher's). ``device``: the device its launcher chose (a Ray actor's, from the
     GPUs Ray gave it; with ``local_rank`` the index among the visible ones), else
-    ``cfg.device``. A bad input raises ``ConfigError`` before the group forms; the caller
-    calls ``actors.exchange.shutdown`` when done with the worker."""
-    _set_threads(cfg, default_threads)
+    ``cfg.device``. ``local_world_size``: how many node processes run on this machine, for
+    ``train.pin_cpus`` (default: torchrun's ``LOCAL_WORLD_SIZE``; unknown: not pinned). A bad
+    input raises ``ConfigError`` before the group forms; the caller calls
+    ``actors.exchange.shutdown`` when done with the worker."""
+    if local_world_size is None:
+        local_world_size = torchrun_local_world_size()
+    set_up_cpu(cfg, default_threads, device or cfg.device, local_rank, local_world_size)
     data = preflight(cfg, world_size, device)
     if placement is None:
         placement = place_nodes(cfg, data, world_size)
@@ -61,7 +67,7 @@ def restart_node(cfg: RunConfig, previous: NodeWorker, files: Optional[Callable[
     why = warm_mismatch(previous.cfg, cfg)
     if why is not None:
         raise ValueError(f"a warm restart needs a new process group: {why}")
-    _set_threads(cfg, default_threads)
+    set_up_cpu(cfg, default_threads, previous.env.device.type)  # the process keeps the cores it was given at start
     env, exchange = previous.env, previous.exchange
     check_world_size(cfg, env.world_size)
     check_device(cfg, device=env.device.type)
@@ -85,10 +91,22 @@ def restart_node(cfg: RunConfig, previous: NodeWorker, files: Optional[Callable[
     return worker
 
 
-def _set_threads(cfg: RunConfig, default_threads: int) -> None:
+def set_up_cpu(cfg: RunConfig, default_threads: int, device: str, local_rank: int = 0,
+               local_world_size: Optional[int] = None) -> Optional[list[int]]:
+    """A node process's CPU set-up, before it does any work: torch's intra-op threads
+    (``train.num_threads``, else ``default_threads``; 0: leave them), and, with
+    ``train.pin_cpus`` on a CPU run (``device`` cpu, or auto without CUDA), this process bound
+    to its slice of the cores, as local process ``local_rank`` of ``local_world_size`` on this
+    machine (``actors.cpus.pin_cpus``; None: unknown, not pinned). GPU runs are not pinned
+    here (``torchrun --numa-binding`` binds a rank near its GPU). Returns the cores it was
+    pinned to, or None when it was left as it was."""
     threads = cfg.train.num_threads or default_threads
     if threads:
         torch.set_num_threads(threads)
+    on_cpu = device.startswith("cpu") or (device == "auto" and not torch.cuda.is_available())
+    if not (cfg.train.pin_cpus and on_cpu and local_world_size is not None):
+        return None
+    return pin_cpus(local_rank, local_world_size)
 
 
 def _compile(worker: NodeWorker) -> None:

@@ -55,6 +55,7 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from actors.config import RunConfig  # noqa: E402
+from actors.cpus import allowed_cpus, bind, pin_cpus  # noqa: E402
 from actors.data import load_dataset  # noqa: E402
 from actors.exchange import Exchange, free_port, init_distributed, shutdown  # noqa: E402
 from actors.timing import PARTS, StepTimer  # noqa: E402
@@ -85,25 +86,24 @@ def make_config(models: list[str], batch_size: int, steps: int, device: str,
     return cfg, spe
 
 
-def _cores() -> list[int]:
-    """The CPU cores this process may run on (a container's cpuset, not the machine's count)."""
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-
-
-ALLOWED = _cores()  # read once, before anything is pinned (children inherit a pinned parent's set)
+ALLOWED = allowed_cpus() or list(range(os.cpu_count() or 1))
+"""The CPU cores this process may run on (a container's cpuset, not the machine's count), read
+once, before anything is pinned (children inherit a pinned parent's set)."""
 
 
 def _pin(core: Optional[int]) -> None:
-    """Run this process on ``core``, or on every allowed core (None)."""
+    """Run this process (the single-process reference) on ``core``, or on every allowed core (None)."""
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, set(ALLOWED) if core is None else {core})
+        bind(ALLOWED if core is None else [core])
 
 
-def _node(rank: int, world: int, port: int, cases: list[dict[str, Any]], device: str, core: Optional[int],
+def _node(rank: int, world: int, port: int, cases: list[dict[str, Any]], device: str, pin: bool,
           results) -> None:
-    """One graph node of the benchmark group: every case in turn, in one process group."""
+    """One graph node of the benchmark group: every case in turn, in one process group. With
+    ``pin``, on its slice of the cores, as the trainer pins node processes (``train.pin_cpus``)."""
     torch.set_num_threads(1)
-    _pin(core)
+    if pin:
+        pin_cpus(rank, world, ALLOWED)
     env = init_distributed(rank, world, rank, f"tcp://127.0.0.1:{port}", device, "auto")
     ex = Exchange(env)
     data = load_dataset("digits", val_fraction=0.0)
@@ -141,12 +141,13 @@ def _node(rank: int, world: int, port: int, cases: list[dict[str, Any]], device:
 
 def run_group(world: int, cases: list[dict[str, Any]], device: str, pin: bool) -> list[list[dict[str, Any]]]:
     """Spawn ``world`` node processes, run ``cases``; returns each rank's results. With
-    ``pin``, node r runs on CPU core r (only when there are at least ``world`` cores)."""
-    pin = pin and device == "cpu" and world <= len(ALLOWED)
+    ``pin`` on the CPU, node r runs on the r-th of ``world`` slices of the cores, as under
+    torchrun (``actors.cpus.pin_cpus``: only when there are at least ``world`` cores)."""
+    pin = pin and device == "cpu"
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_node, args=(r, world, port, cases, device, ALLOWED[r] if pin else None, results)) for r in range(world)]
+    procs = [ctx.Process(target=_node, args=(r, world, port, cases, device, pin, results)) for r in range(world)]
     for p in procs:
         p.start()
     got: dict[int, Any] = {}
@@ -280,7 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", action="store_true",
                     help="only the kl-only vs kl + relation graphs table (2 and 3 nodes, batch 64 and 256)")
     ap.add_argument("--no-pin", dest="pin", action="store_false",
-                    help="do not pin node r to CPU core r (pinning applies when there are at least M cores)")
+                    help="do not pin node r to its slice of the CPU cores (train.pin_cpus; pinning applies when "
+                         "there are at least M cores)")
     args = ap.parse_args(argv)
     reps = 200
     if args.quick:
