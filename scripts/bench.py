@@ -269,7 +269,16 @@ def kinds_table(args: argparse.Namespace, raw: dict[str, Any]) -> None:
     raw["kinds_table"] = table
 
 
-def main(argv=None) -> int:
+# --- main: the options, the measurements, then each table in turn ---------------------------------
+
+BATCHES = (16, 64, 256)
+"""Batch sizes of the ResNet32 groups (tables 1 and 3)."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, and what follows from them: ``reps`` (all-gathers timed per case),
+    ``gpus`` (visible CUDA devices) and ``sizes`` (the ResNet32 groups that fit: NCCL takes
+    one GPU per process)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="timed steps per case (after a warm-up epoch)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -284,42 +293,46 @@ def main(argv=None) -> int:
                     help="do not pin node r to its slice of the CPU cores (train.pin_cpus; pinning applies when "
                          "there are at least M cores)")
     args = ap.parse_args(argv)
-    reps = 200
+    args.reps = 200
     if args.quick:
-        args.steps, reps, args.repeats = 2, 3, 1
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if args.device == "cuda" and not gpus:
+        args.steps, args.reps, args.repeats = 2, 3, 1
+    args.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device == "cuda" and not args.gpus:
         ap.error("--device cuda: no CUDA GPU is visible here")
-    fits = (lambda p: True) if args.device == "cpu" else (lambda p: p <= gpus)  # NCCL: one GPU per process
-    sizes_1 = [m for m in (1, 2, 3) if fits(m)]
-    t_start = time.perf_counter()
+    args.sizes = [m for m in (1, 2, 3) if fits(args, m)]
+    return args
+
+
+def fits(args: argparse.Namespace, processes: int) -> bool:
+    """Whether a group of ``processes`` can run here (NCCL: one GPU per process)."""
+    return args.device == "cpu" or processes <= args.gpus
+
+
+def print_header(args: argparse.Namespace) -> dict[str, Any]:
+    """The machine and the settings, printed; returns the raw results' first entries."""
     cores = len(ALLOWED)
     print(f"ktg benchmark: digits, {args.device}, torch {torch.__version__}, {cores} CPU cores, "
           f"{args.steps} timed steps per case, 1 thread per process", flush=True)
     if args.device == "cpu" and cores < 3:
         print(f"note: {cores} cores: the 3-node group shares them (3 processes on {cores} cores), so its "
               "speed-up is capped at the core count", flush=True)
+    return {"device": args.device, "cores": cores, "steps": args.steps, "torch": torch.__version__}
 
-    raw: dict[str, Any] = {"device": args.device, "cores": cores, "steps": args.steps, "torch": torch.__version__}
-    if args.kinds:
-        raw["repeats"] = args.repeats
-        kinds_table(args, raw)
-        print(f"benchmark wall time: {time.perf_counter() - t_start:.0f}s")
-        if args.json:
-            Path(args.json).write_text(json.dumps(raw, indent=1, default=str) + "\n")
-        return 0
-    batches = (16, 64, 256)
+
+def measure_groups(args: argparse.Namespace) -> tuple[dict[int, list[list[dict[str, Any]]]], list[dict[str, Any]], dict[str, float]]:
+    """The runs tables 1-4 read: the ResNet32 groups (every batch, and the all-gather alone),
+    the heterogeneous pair, and the single-process references."""
     groups: dict[int, list[list[dict[str, Any]]]] = {}
-    if len(sizes_1) < 3:
-        print(f"note: {gpus} GPU(s): groups of up to {max(sizes_1)} node process(es) (NCCL: one GPU each)", flush=True)
-    for m in sizes_1:
-        cases = [{"kind": "train", "models": ["resnet32"] * m, "batch_size": b, "steps": args.steps} for b in batches]
-        cases += [{"kind": "allgather", "batch_size": b, "classes": c, "reps": reps} for c in (100, 200) for b in (64, 256, 1024)]
+    if len(args.sizes) < 3:
+        print(f"note: {args.gpus} GPU(s): groups of up to {max(args.sizes)} node process(es) (NCCL: one GPU each)", flush=True)
+    for m in args.sizes:
+        cases = [{"kind": "train", "models": ["resnet32"] * m, "batch_size": b, "steps": args.steps} for b in BATCHES]
+        cases += [{"kind": "allgather", "batch_size": b, "classes": c, "reps": args.reps} for c in (100, 200) for b in (64, 256, 1024)]
         t = time.perf_counter()
         groups[m] = run_group(m, cases, args.device, args.pin)
         print(f"  group of {m} ResNet32 node(s): {time.perf_counter() - t:.0f}s", flush=True)
     hetero = []
-    if fits(2):
+    if fits(args, 2):
         hetero = [g[0] for g in run_group(2, [{"kind": "train", "models": ["resnet32", "resnet110"], "batch_size": 64,
                                               "steps": args.steps}], args.device, args.pin)]
         print("  heterogeneous group (ResNet32 + ResNet110): done", flush=True)
@@ -328,56 +341,69 @@ def main(argv=None) -> int:
         seq[f"resnet32x{m}"] = sequential_step_time(["resnet32"] * m, 64, args.steps, args.pin, device=args.device)
     seq["resnet32+resnet110"] = sequential_step_time(["resnet32", "resnet110"], 64, args.steps, args.pin, device=args.device)
     print("  single-process references: done", flush=True)
-    raw.update(groups={str(m): g for m, g in groups.items()}, hetero=hetero, sequential=seq)
+    return groups, hetero, seq
 
-    def mean_over_nodes(rows: list[dict[str, Any]], key: str) -> float:
-        return sum(r[key] for r in rows) / len(rows)
 
-    def case(m: int, batch: int) -> list[dict[str, Any]]:
-        return [next(c for c in g if c["kind"] == "train" and c["batch_size"] == batch) for g in groups[m]]
+def mean_over_nodes(rows: list[dict[str, Any]], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
 
-    # 1. parts of the step
+
+def train_case(groups: dict[int, list[list[dict[str, Any]]]], m: int, batch: int) -> list[dict[str, Any]]:
+    """Every node's row of the M-node ResNet32 group's training case at ``batch``."""
+    return [next(c for c in g if c["kind"] == "train" and c["batch_size"] == batch) for g in groups[m]]
+
+
+def table_parts(args: argparse.Namespace, groups: dict[int, list[list[dict[str, Any]]]]) -> None:
+    """1. The parts of a node's step."""
     print("\n### 1. A node's step, by part (ResNet32 nodes, batch 64; ms, mean over nodes)\n")
     print("| nodes | " + " | ".join(PARTS) + " | step |")
     print("|---" * (len(PARTS) + 2) + "|")
-    for m in sizes_1:
-        rows = case(m, 64)
+    for m in args.sizes:
+        rows = train_case(groups, m, 64)
         print(f"| {m} | " + " | ".join(ms(mean_over_nodes(rows, p)) for p in PARTS) + f" | {ms(mean_over_nodes(rows, 'step'))} |")
 
-    # 2. group vs single process
-    if seq:
-        print("\n### 2. Throughput: M processes vs one process training the M models in turn (batch 64)\n")
-        print("| graph | group step (ms) | sequential step (ms) | group images/s | sequential images/s | speed-up |")
-        print("|---|---|---|---|---|---|")
-        ratios = {}
-        for name, rows, s in [(f"{m} x ResNet32", case(m, 64), seq[f"resnet32x{m}"]) for m in sizes_1] + \
-                             ([("ResNet32 + ResNet110", hetero, seq["resnet32+resnet110"])] if hetero else []):
-            g = max(r["step"] for r in rows)  # the group moves at its slowest node's pace
-            ratios[name] = s / g
-            print(f"| {name} | {ms(g)} | {ms(s)} | {64 / g:.0f} | {64 / s:.0f} | **{s / g:.2f}x** |")
-        raw["speedup"] = ratios
 
-    # 3. exchange share vs M and batch
+def table_speedup(args: argparse.Namespace, groups: dict[int, list[list[dict[str, Any]]]], hetero: list[dict[str, Any]],
+                  seq: dict[str, float], raw: dict[str, Any]) -> None:
+    """2. The group against the single process."""
+    if not seq:
+        return
+    print("\n### 2. Throughput: M processes vs one process training the M models in turn (batch 64)\n")
+    print("| graph | group step (ms) | sequential step (ms) | group images/s | sequential images/s | speed-up |")
+    print("|---|---|---|---|---|---|")
+    ratios = {}
+    for name, rows, s in [(f"{m} x ResNet32", train_case(groups, m, 64), seq[f"resnet32x{m}"]) for m in args.sizes] + \
+                         ([("ResNet32 + ResNet110", hetero, seq["resnet32+resnet110"])] if hetero else []):
+        g = max(r["step"] for r in rows)  # the group moves at its slowest node's pace
+        ratios[name] = s / g
+        print(f"| {name} | {ms(g)} | {ms(s)} | {64 / g:.0f} | {64 / s:.0f} | **{s / g:.2f}x** |")
+    raw["speedup"] = ratios
+
+
+def table_exchange(args: argparse.Namespace, groups: dict[int, list[list[dict[str, Any]]]]) -> None:
+    """3. The exchange's share of the step as M and the batch grow, and the all-gather alone."""
     print("\n### 3. The exchange's share of the step "
           "(ResNet32 nodes; exchange = all-gather transfer, wait = waiting for the slowest node)\n")
     print("| nodes | batch | bytes sent per node | exchange (ms) | wait (ms) | step (ms) | exchange % | exchange + wait % |")
     print("|---|---|---|---|---|---|---|---|")
-    for m in sizes_1:
-        for b in batches:
-            rows = case(m, b)
+    for m in args.sizes:
+        for b in BATCHES:
+            rows = train_case(groups, m, b)
             ex, wt, st = (mean_over_nodes(rows, k) for k in ("exchange", "wait", "step"))
             nbytes = b * 10 * 4 + 32  # fp32 logits + the batch fingerprint
             print(f"| {m} | {b} | {nbytes:,} | {ms(ex)} | {ms(wt)} | {ms(st)} | {100 * ex / st:.1f}% | {100 * (ex + wt) / st:.1f}% |")
-    print(f"\nThe all-gather alone (one [B, C] fp32 tensor per node; mean of {reps}; ms):\n")
+    print(f"\nThe all-gather alone (one [B, C] fp32 tensor per node; mean of {args.reps}; ms):\n")
     print("| nodes | C | B=64 | B=256 | B=1024 |")
     print("|---|---|---|---|---|")
-    for m in sizes_1:
+    for m in args.sizes:
         for c in (100, 200):
             vals = [next(x for x in groups[m][0] if x["kind"] == "allgather" and x["classes"] == c and x["batch_size"] == b)["allgather"]
                     for b in (64, 256, 1024)]
             print(f"| {m} | {c} | " + " | ".join(ms(v) for v in vals) + " |")
 
-    # 4. heterogeneous
+
+def table_hetero(hetero: list[dict[str, Any]]) -> None:
+    """4. The heterogeneous graph: how long the fast node waits."""
     if hetero:
         print("\n### 4. Heterogeneous graph: ResNet32 (node 0) + ResNet110 (node 1), batch 64 (ms)\n")
         print("| node | model | forward | wait | exchange | loss | backward | optimizer | step | waiting share |")
@@ -386,10 +412,12 @@ def main(argv=None) -> int:
         print(f"| {i} | {model} | " + " | ".join(ms(r[p]) for p in ("forward", "wait", "exchange", "loss", "backward", "optimizer"))
               + f" | {ms(r['step'])} | {100 * r['wait'] / r['step']:.0f}% |")
 
-    # 6. packing: a mixed graph on P = M, balanced P < M, and one process
+
+def table_packing(args: argparse.Namespace, raw: dict[str, Any]) -> None:
+    """6. Packing: a mixed graph on P = M, balanced P < M, and one process."""
     mixed = ["resnet32", "resnet32", "resnet110"]
     packing = {}
-    for p in [p for p in (3, 2, 1) if fits(p)]:
+    for p in [p for p in (3, 2, 1) if fits(args, p)]:
         case6 = {"kind": "train", "models": mixed, "batch_size": 64, "steps": args.steps, "placement": placed(mixed, p)}
         packing[p] = ([g[0] for g in run_group(p, [case6], args.device, args.pin)], case6["placement"])
     print("\n### 6. Several nodes per process: ResNet32, ResNet32, ResNet110 (batch 64, one thread per process)\n")
@@ -401,9 +429,11 @@ def main(argv=None) -> int:
         print(f"| {p} | {placement} | {ms(g)} | {64 / g:.0f} | {ms(min(r['wait'] for r in rows))} | {100 * max(waits):.0f}% |")
     raw["packing"] = {str(p): {"placement": pl, "rows": rows, "images_per_s": 64 / group_step(rows)} for p, (rows, pl) in packing.items()}
 
-    # 7. many nodes on 2 processes
+
+def table_scaling(args: argparse.Namespace, raw: dict[str, Any]) -> None:
+    """7. Many ConvNet nodes on 2 processes: how the step and the exchange grow."""
     sizes = (2, 4, 8, 16, 32) if not args.quick else (2, 4)
-    world7 = min(2, len(ALLOWED)) if args.device == "cpu" else min(2, gpus)
+    world7 = min(2, len(ALLOWED)) if args.device == "cpu" else min(2, args.gpus)
     cases7 = [{"kind": "train", "models": ["convnet"] * m, "batch_size": 64, "steps": args.steps,
                "placement": placed(["convnet"] * m, world7)} for m in sizes]
     scaling = run_group(world7, cases7, args.device, args.pin)
@@ -418,42 +448,75 @@ def main(argv=None) -> int:
         raw["scaling"].append({"nodes": m, "step": g, "exchange": ex})
         print(f"| {m} | {m // world7} | {ms(g)} | {ms(g / m)} | {ms(ex)} | {100 * ex / g:.1f}% | {64 / g:.0f} |")
 
-    # 8. against a single process using every core
-    if args.device == "cpu":
-        threads = len(ALLOWED)
-        s_all = sequential_step_time(["resnet32"] * 2, 64, args.steps, args.pin, threads=threads)
-        g2 = group_step(case(2, 64))
-        raw["sequential_all_cores"] = {"threads": threads, "step": s_all}
-        print(f"\n### 8. 2 x ResNet32, batch 64: the group against one process with all {threads} cores\n")
-        print("| run | step (ms) | images/s |")
-        print("|---|---|---|")
-        print(f"| group: 2 processes x 1 thread | {ms(g2)} | {64 / g2:.0f} |")
-        print(f"| one process, {threads} threads, the models in turn | {ms(s_all)} | {64 / s_all:.0f} |")
-        print(f"| one process, 1 thread | {ms(seq['resnet32x2'])} | {64 / seq['resnet32x2']:.0f} |")
 
-    # 5. the headline pair, repeated: this machine's noise moves single runs by ~10%
-    if args.device == "cpu" and args.repeats:
-        print(f"\n### 5. 2 x ResNet32, batch 64: group vs single process, {args.repeats} interleaved repetitions\n")
-        print("| repetition | group step (ms) | exchange % | exchange + wait % | sequential step (ms) | speed-up |")
-        print("|---|---|---|---|---|---|")
-        reps_out = []
-        for i in range(args.repeats):
-            rows = [g[0] for g in run_group(2, [{"kind": "train", "models": ["resnet32"] * 2, "batch_size": 64,
-                                                 "steps": args.steps}], args.device, args.pin)]
-            s2 = sequential_step_time(["resnet32"] * 2, 64, args.steps, args.pin)
-            g2 = max(r["step"] for r in rows)
-            ex, wt, st = (mean_over_nodes(rows, k) for k in ("exchange", "wait", "step"))
-            reps_out.append({"group_step": g2, "sequential_step": s2, "exchange_share": ex / st,
-                             "exchange_wait_share": (ex + wt) / st, "speedup": s2 / g2})
-            print(f"| {i + 1} | {ms(g2)} | {100 * ex / st:.1f}% | {100 * (ex + wt) / st:.1f}% | {ms(s2)} | {s2 / g2:.2f}x |")
-        raw["headline"] = reps_out
-        med = lambda k: sorted(r[k] for r in reps_out)[len(reps_out) // 2]  # noqa: E731
-        print(f"\n2-node ResNet32 group, batch 64 (median of {args.repeats}): exchange {100 * med('exchange_share'):.1f}% "
-              f"of the step ({100 * med('exchange_wait_share'):.1f}% with waiting); {med('speedup'):.2f}x the "
-              "single-process reference")
+def table_all_cores(args: argparse.Namespace, groups: dict[int, list[list[dict[str, Any]]]], seq: dict[str, float],
+                    raw: dict[str, Any]) -> None:
+    """8. The 2-node group against a single process using every core (CPU only)."""
+    if args.device != "cpu":
+        return
+    threads = len(ALLOWED)
+    s_all = sequential_step_time(["resnet32"] * 2, 64, args.steps, args.pin, threads=threads)
+    g2 = group_step(train_case(groups, 2, 64))
+    raw["sequential_all_cores"] = {"threads": threads, "step": s_all}
+    print(f"\n### 8. 2 x ResNet32, batch 64: the group against one process with all {threads} cores\n")
+    print("| run | step (ms) | images/s |")
+    print("|---|---|---|")
+    print(f"| group: 2 processes x 1 thread | {ms(g2)} | {64 / g2:.0f} |")
+    print(f"| one process, {threads} threads, the models in turn | {ms(s_all)} | {64 / s_all:.0f} |")
+    print(f"| one process, 1 thread | {ms(seq['resnet32x2'])} | {64 / seq['resnet32x2']:.0f} |")
+
+
+def table_headline(args: argparse.Namespace, raw: dict[str, Any]) -> None:
+    """5. The headline pair, repeated (CPU only): this machine's noise moves single runs by ~10%."""
+    if args.device != "cpu" or not args.repeats:
+        return
+    print(f"\n### 5. 2 x ResNet32, batch 64: group vs single process, {args.repeats} interleaved repetitions\n")
+    print("| repetition | group step (ms) | exchange % | exchange + wait % | sequential step (ms) | speed-up |")
+    print("|---|---|---|---|---|---|")
+    reps_out = []
+    for i in range(args.repeats):
+        rows = [g[0] for g in run_group(2, [{"kind": "train", "models": ["resnet32"] * 2, "batch_size": 64,
+                                             "steps": args.steps}], args.device, args.pin)]
+        s2 = sequential_step_time(["resnet32"] * 2, 64, args.steps, args.pin)
+        g2 = max(r["step"] for r in rows)
+        ex, wt, st = (mean_over_nodes(rows, k) for k in ("exchange", "wait", "step"))
+        reps_out.append({"group_step": g2, "sequential_step": s2, "exchange_share": ex / st,
+                         "exchange_wait_share": (ex + wt) / st, "speedup": s2 / g2})
+        print(f"| {i + 1} | {ms(g2)} | {100 * ex / st:.1f}% | {100 * (ex + wt) / st:.1f}% | {ms(s2)} | {s2 / g2:.2f}x |")
+    raw["headline"] = reps_out
+    med = lambda k: sorted(r[k] for r in reps_out)[len(reps_out) // 2]  # noqa: E731
+    print(f"\n2-node ResNet32 group, batch 64 (median of {args.repeats}): exchange {100 * med('exchange_share'):.1f}% "
+          f"of the step ({100 * med('exchange_wait_share'):.1f}% with waiting); {med('speedup'):.2f}x the "
+          "single-process reference")
+
+
+def finish(args: argparse.Namespace, raw: dict[str, Any], t_start: float) -> None:
+    """The wall time, and the raw results to ``--json``."""
     print(f"benchmark wall time: {time.perf_counter() - t_start:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str) + "\n")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    raw = print_header(args)
+    if args.kinds:
+        raw["repeats"] = args.repeats
+        kinds_table(args, raw)
+        finish(args, raw, t_start)
+        return 0
+    groups, hetero, seq = measure_groups(args)
+    raw.update(groups={str(m): g for m, g in groups.items()}, hetero=hetero, sequential=seq)
+    table_parts(args, groups)
+    table_speedup(args, groups, hetero, seq, raw)
+    table_exchange(args, groups)
+    table_hetero(hetero)
+    table_packing(args, raw)
+    table_scaling(args, raw)
+    table_all_cores(args, groups, seq, raw)
+    table_headline(args, raw)
+    finish(args, raw, t_start)
     return 0
 
 
