@@ -2,7 +2,7 @@
 
 A dataset is loaded once per node process into ``[N, C, H, W]`` uint8 (+ int64 labels)
 and moved to the node's device. Augmentation (reflect- or zero-pad + random crop, horizontal flip)
-is applied per sample *with parameters handed out by the coordinator* (see
+is applied per sample *with parameters from the epoch's batch plan* (drawn by rank 0; see
 ``actors.batch_order``), so every node of a graph holds bitwise the same augmented
 batch, and no DataLoader worker sits in the hot path.
 
@@ -287,12 +287,14 @@ DATASETS.register("tiny_imagenet", "tinyimagenet")(
 # --- augmentation on device ---------------------------------------------------------------
 
 
-def to_float(x: torch.Tensor, mean: Optional[torch.Tensor] = None, std: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """uint8 [B,C,H,W] -> float in [0, 1], optionally normalised by per-channel mean/std."""
-    x = x.float().div_(255.0)
-    if mean is not None:
-        x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    return x
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,C,H,W] -> float in [0, 1]."""
+    return x.float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A float batch [B,C,H,W] normalised by per-channel ``mean`` and ``std`` ([C] each)."""
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 def augment(x: torch.Tensor, offsets: torch.Tensor, flips: Optional[torch.Tensor], pad: int,
@@ -302,7 +304,7 @@ def augment(x: torch.Tensor, offsets: torch.Tensor, flips: Optional[torch.Tensor
     ``RandomCrop(padding=...)``; normalisation comes after).
 
     ``offsets``: [B, 2] int64 crop corners (dy, dx) in [0, 2*pad]; ``flips``: [B] bool, or
-    None for no flipping. The parameters come from the coordinator, so the result is
+    None for no flipping. The parameters come from the batch plan (rank 0's), so the result is
     identical on every node. No host-device synchronisation.
     """
     b, _, h, w = x.shape

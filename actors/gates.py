@@ -22,26 +22,58 @@ Correct         1 if the *source* node's argmax equals the label, else 0; divide
 NegativeLinear  1 - progress              (reimplementation only)
 =============== ==========================================================================
 
-Gates are pure functions of explicit inputs; they hold no counters.
+Gates are stateless objects (``Gate``) of explicit inputs; they hold no counters.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Optional, Union
 
 import torch
 
 from actors.registry import Registry
 
 
-class Gate(Protocol):
-    def __call__(
-        self,
-        loss: torch.Tensor,
-        *,
-        source_logits: Optional[torch.Tensor],
-        labels: torch.Tensor,
-        progress: float,
-    ) -> torch.Tensor: ...
+class Gate:
+    """An edge gate, evaluated once per step for all the edges it sits on.
+
+    ``weights(source_logits, labels, progress)`` is the gate's per-sample weight ``w_n``: None
+    (every sample 1), a Python float (the same for every sample: a time gate), or a float
+    tensor ``[..., B]`` (one row per edge: the Correct gate's 0/1 mask). ``reduce(loss, w)``
+    turns per-sample losses ``[..., B]`` into the gated scalars ``[...]``, one per edge.
+    ``mean_weight(w, like)`` is the mean weight put on the batch (the dashboards'
+    ``gate_weight``), from the same ``w``. A gate is a stateless object registered by name
+    in ``GATES``; calling it (``gate(loss, source_logits=..., labels=..., progress=...)``)
+    is both steps at once."""
+
+    name = ""
+    reads_sources = False
+    """Do its weights read the sources' logits (``weights`` gets None otherwise)?"""
+
+    def weights(self, source_logits: Optional[torch.Tensor], labels: torch.Tensor,
+                progress: float) -> Union[None, float, torch.Tensor]:
+        return None
+
+    def reduce(self, loss: torch.Tensor, weights: Union[None, float, torch.Tensor]) -> torch.Tensor:
+        if weights is None:
+            return loss.mean(dim=-1)
+        if isinstance(weights, float):
+            return loss.mean(dim=-1) * weights
+        return (loss * weights).sum(dim=-1) / loss.shape[-1]  # divided by B, not by the kept count
+
+    def mean_weight(self, weights: Union[None, float, torch.Tensor], like: torch.Tensor, edges: int) -> torch.Tensor:
+        """``[edges]``: the mean of ``weights`` over the batch, for each edge."""
+        if weights is None:
+            return like.new_ones(edges)
+        if isinstance(weights, float):
+            return like.new_full((edges,), weights)
+        return weights.sum(dim=-1) / weights.shape[-1]
+
+    def __call__(self, loss: torch.Tensor, *, source_logits: Optional[torch.Tensor], labels: torch.Tensor,
+                 progress: float) -> torch.Tensor:
+        return self.reduce(loss, self.weights(source_logits, labels, progress))
+
+    def __repr__(self) -> str:
+        return f"<gate {self.name}>"
 
 
 GATES: Registry[Gate] = Registry("gate")
@@ -72,38 +104,48 @@ def gate_progress(step: int, steps_per_epoch: int, total_steps: int, mode: str =
     raise ValueError(f"gate progress mode must be one of {', '.join(PROGRESS_MODES)}; got {mode!r}")
 
 
-@GATES.register("Through")
-def through(loss, *, source_logits, labels, progress):
-    return loss.mean()
+class Through(Gate):
+    """Every sample at weight 1."""
 
 
-@GATES.register("Cutoff")
-def cutoff(loss, *, source_logits, labels, progress):
-    return loss.new_zeros(())
+class Cutoff(Gate):
+    """The edge is absent; nodes skip computing it at all (never evaluated on a live edge)."""
+
+    def reduce(self, loss, weights):
+        return loss.new_zeros(loss.shape[:-1])
 
 
-@GATES.register("Linear", "PositiveLinear")
-def linear(loss, *, source_logits, labels, progress):
-    return loss.mean() * float(progress)
+class Linear(Gate):
+    def weights(self, source_logits, labels, progress):
+        return float(progress)
 
 
-@GATES.register("NegativeLinear")
-def negative_linear(loss, *, source_logits, labels, progress):
-    return loss.mean() * (1.0 - float(progress))
+class NegativeLinear(Gate):
+    def weights(self, source_logits, labels, progress):
+        return 1.0 - float(progress)
 
 
-@GATES.register("Correct")
-def correct(loss, *, source_logits, labels, progress):
-    if source_logits is None:  # label edge: the one-hot source is always correct
-        return loss.mean()
-    mask = (source_logits.argmax(dim=1) == labels).to(loss.dtype)
-    return (loss * mask).sum() / loss.shape[0]
+class Correct(Gate):
+    """1 where the source's argmax is the label; on the label edge (no source) every sample."""
+
+    reads_sources = True
+
+    def weights(self, source_logits, labels, progress):
+        if source_logits is None:  # label edge: the one-hot source is always correct
+            return None
+        return (source_logits.argmax(dim=-1) == labels).to(torch.float32)
+
+
+for _gate, _names in ((Through(), ("Through",)), (Cutoff(), ("Cutoff",)), (Linear(), ("Linear", "PositiveLinear")),
+                      (NegativeLinear(), ("NegativeLinear",)), (Correct(), ("Correct",))):
+    _gate.name = _names[0]
+    GATES.register(*_names)(_gate)
 
 
 def is_cutoff(name: str) -> bool:
-    return GATES.get(name) is cutoff
+    return isinstance(GATES.get(name), Cutoff)
 
 
 def is_correct(gate) -> bool:
     """Is ``gate`` (a name or the function) the Correct gate?"""
-    return (GATES.get(gate) if isinstance(gate, str) else gate) is correct
+    return isinstance(GATES.get(gate) if isinstance(gate, str) else gate, Correct)

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from actors.edge_kinds import MHGD_DEFAULTS, parse_mhgd
 from actors.errors import ConfigError
 from actors.gates import GATES, PROGRESS_MODES, is_cutoff
-from actors.kinds import KINDS, MHGD_DEFAULTS, default_kinds, format_entry, parse_kind_weights, parse_kinds, parse_mhgd
-from actors.losses import EDGE_LOSSES
+from actors.kinds import check_kinds, default_kinds, format_entry, kind_of, parse_default_cross, parse_kind_weights, parse_kinds
 from actors.models import MODELS
 
 REDUCTIONS = ("sum", "mean")
@@ -57,7 +57,8 @@ class GraphSpec:
     temperature: float = 1.0
     """Softmax temperature T of the KL edges (loss is multiplied by T^2)."""
     loss: str = "kl"
-    """Per-sample loss of the cross edges (``actors.losses.EDGE_LOSSES``)."""
+    """The kind of every cross edge when ``kinds`` is null: ``kl`` (the paper), or any other
+    cross-edge kind (``actors.kinds``; docs/edge-kinds.md)."""
     reduction: str = "sum"
     """How a node combines its incoming edges: ``sum`` (DCL, and the reimplementation's
     code that produced its published number) or ``mean`` (label edge plus the mean of the
@@ -92,8 +93,34 @@ class GraphSpec:
     docs/edge-kinds.md)."""
 
     def __post_init__(self) -> None:
-        # shorthands for large graphs: nodes {model: m, count: M} (M nodes of model m), and one
-        # gate name for every edge, label edges included (gates: Through is DML over M nodes)
+        self._expand_shorthands()
+        self.nodes = [self._parse_node(i, n) for i, n in enumerate(self.nodes)]
+        self._check_gates()
+        self._check_options()
+        m = len(self.nodes)
+        self.mhgd = parse_mhgd(self.mhgd)
+        self.loss = parse_default_cross(self.loss)
+        kinds = parse_kinds(self.kinds, m, self.loss)
+        # stored as null when every edge carries what it carried before edges had kinds, so
+        # existing graphs (and their run directories' configs) read exactly as before
+        self.kinds = None if kinds == default_kinds(m, self.loss) else [[list(e) for e in row] for row in kinds]
+        self.kind_weights = parse_kind_weights(self.kind_weights) or None
+        check_kinds(self)
+        if self.is_frozen(0):
+            raise ConfigError(
+                "graph.gates[0]: the target node 0 has every incoming edge Cutoff (it would be a frozen "
+                "teacher); the target must learn from at least one edge"
+            )
+        for i, n in enumerate(self.nodes):
+            if self.is_frozen(i) and not n.checkpoint:
+                raise ConfigError(
+                    f"graph.nodes[{i}] ({n.model}) is frozen (every gate in graph.gates[{i}] is Cutoff) "
+                    f"and so needs graph.nodes[{i}].checkpoint: a pretrained model (see README, 'Teachers')"
+                )
+
+    def _expand_shorthands(self) -> None:
+        """Shorthands for large graphs: nodes {model: m, count: M} (M nodes of model m), and one
+        gate name for every edge, label edges included (gates: Through is DML over M nodes)."""
         if isinstance(self.nodes, dict) and "count" in self.nodes:
             count = self.nodes["count"]
             unknown = set(self.nodes) - {"model", "count"}
@@ -107,11 +134,10 @@ class GraphSpec:
         if not isinstance(self.nodes, list) or not self.nodes:
             raise ConfigError("graph.nodes must be a non-empty list of {model: <name>, checkpoint: <path or null>}, "
                               "or {model: <name>, count: <M>}")
-        nodes = []
-        for i, n in enumerate(self.nodes):
-            if isinstance(n, NodeSpec):
-                nodes.append(n)
-                continue
+
+    @staticmethod
+    def _parse_node(i: int, n: Any) -> NodeSpec:
+        if not isinstance(n, NodeSpec):
             if isinstance(n, str):
                 n = {"model": n}
             if not isinstance(n, dict) or "model" not in n:
@@ -120,13 +146,14 @@ class GraphSpec:
             unknown = set(n) - set(keys)
             if unknown:
                 raise ConfigError(f"graph.nodes[{i}] has unknown keys {sorted(unknown)}; allowed: {', '.join(keys)}")
-            nodes.append(NodeSpec(**{k: n.get(k) for k in keys}))
-        self.nodes = nodes
-        m = len(nodes)
-        for i, n in enumerate(nodes):
-            if n.model not in MODELS:
-                raise ConfigError(f"graph.nodes[{i}].model: unknown model {n.model!r}; known: {', '.join(MODELS.names())}")
-            n.model = MODELS.canonical(n.model)
+            n = NodeSpec(**{k: n.get(k) for k in keys})
+        if n.model not in MODELS:
+            raise ConfigError(f"graph.nodes[{i}].model: unknown model {n.model!r}; known: {', '.join(MODELS.names())}")
+        n.model = MODELS.canonical(n.model)
+        return n
+
+    def _check_gates(self) -> None:
+        m = len(self.nodes)
         if (
             not isinstance(self.gates, list)
             or len(self.gates) != m
@@ -144,8 +171,8 @@ class GraphSpec:
                         f"graph.gates[{t}][{s}] (edge {s} -> {t}): unknown gate {g!r}; known: {', '.join(GATES.names())}"
                     )
         self.gates = [[GATES.canonical(g) for g in row] for row in self.gates]
-        if self.loss not in EDGE_LOSSES:
-            raise ConfigError(f"graph.loss: unknown edge loss {self.loss!r}; known: {', '.join(EDGE_LOSSES.names())}")
+
+    def _check_options(self) -> None:
         if self.reduction not in REDUCTIONS:
             raise ConfigError(f"graph.reduction must be one of {', '.join(REDUCTIONS)}; got {self.reduction!r}")
         if self.frozen_bn not in FROZEN_BN:
@@ -162,55 +189,6 @@ class GraphSpec:
                     or not self.self_temperature > 0:
                 raise ConfigError(f"graph.self_temperature must be a number > 0 or null; got {self.self_temperature!r}")
             self.self_temperature = float(self.self_temperature)
-        self.mhgd = parse_mhgd(self.mhgd)
-        kinds = parse_kinds(self.kinds, m, self.loss)
-        # stored as null when every edge carries what it carried before edges had kinds, so
-        # existing graphs (and their run directories' configs) read exactly as before
-        self.kinds = None if kinds == default_kinds(m, self.loss) else [[list(e) for e in row] for row in kinds]
-        self.kind_weights = parse_kind_weights(self.kind_weights) or None
-        self._check_kinds()
-        if self.is_frozen(0):
-            raise ConfigError(
-                "graph.gates[0]: the target node 0 has every incoming edge Cutoff (it would be a frozen "
-                "teacher); the target must learn from at least one edge"
-            )
-        for i, n in enumerate(nodes):
-            if self.is_frozen(i) and not n.checkpoint:
-                raise ConfigError(
-                    f"graph.nodes[{i}] ({n.model}) is frozen (every gate in graph.gates[{i}] is Cutoff) "
-                    f"and so needs graph.nodes[{i}].checkpoint: a pretrained model (see README, 'Teachers')"
-                )
-
-    def _check_kinds(self) -> None:
-        for t in range(self.num_nodes):
-            for s in range(self.num_nodes):
-                if s != t and "mhgd" in self.edge_kinds(t, s) and not self.is_frozen(s):
-                    raise ConfigError(
-                        f"graph.kinds[{t}][{s}] (edge {s} -> {t}): mhgd transfers the attention graph of a frozen "
-                        f"teacher, and node {s} is not frozen (graph.gates[{s}] is not all Cutoff); allowed from a "
-                        "learning node: kl, rkd_distance, rkd_angle"
-                    )
-        for t, n in enumerate(self.nodes):
-            has_self = "self" in self.edge_kinds(t, t)
-            if has_self and not n.self_checkpoint:
-                raise ConfigError(
-                    f"graph.kinds[{t}][{t}] has self (self-distillation), which needs graph.nodes[{t}].self_checkpoint: "
-                    f"node {t}'s own stage-1 weights ({n.model} trained alone, e.g. graph=teacher "
-                    f"graph.nodes.0.model={n.model}; README, 'Edge kinds')"
-                )
-            if n.self_checkpoint and not has_self:
-                raise ConfigError(f"graph.nodes[{t}].self_checkpoint is set but graph.kinds[{t}][{t}] has no self: "
-                                  "add self to the diagonal, or drop the checkpoint")
-            declared = [r for r in range(self.num_nodes) if r != t and "mhgd" in self.edge_kinds(r, t)]
-            feeds = [r for r in declared if t in dict(self.incoming(r))]  # live edges (gate not Cutoff)
-            if feeds and not n.attention:
-                raise ConfigError(
-                    f"graph.nodes[{t}] feeds mhgd edges (to node(s) {feeds}) and so needs graph.nodes[{t}].attention: "
-                    f"its attention module, trained first by `python launch.py mode=attention graph=<this graph>` "
-                    "(README, 'Edge kinds')"
-                )
-            if n.attention and not declared:
-                raise ConfigError(f"graph.nodes[{t}].attention is set but no mhgd edge leaves node {t}")
 
     def _default_entry(self, t: int, s: int) -> tuple[str, ...]:
         """What the edge s -> t carries in a graph without kinds."""
@@ -224,20 +202,27 @@ class GraphSpec:
         return {**MHGD_DEFAULTS, **(self.mhgd or {})}[key]
 
     def kind_weight(self, kind: str) -> float:
-        return (self.kind_weights or {}).get(kind, KINDS[kind].weight)
+        cls = kind_of(kind)
+        return (self.kind_weights or {}).get(cls.name, cls.weight)
 
-    def _edges_needing(self, need: str) -> list[tuple[int, int]]:
-        """The live cross edges (s, t) with a kind that needs the source's ``need``."""
-        return [(s, t) for t in range(self.num_nodes) for s, _ in self.incoming(t)
-                if s != t and any(KINDS[k].needs == need for k in self.edge_kinds(t, s))]
+    def live_kinds(self) -> list[str]:
+        """The kinds on some live edge (gate not Cutoff), each once, as the graph names them."""
+        seen: dict[str, None] = {}
+        for t in range(self.num_nodes):
+            for s, _ in self.incoming(t):
+                seen.update(dict.fromkeys(self.edge_kinds(t, s)))
+        return list(seen)
 
     def senders(self, need: str) -> list[int]:
-        """The nodes whose ``need`` (``embedding``, ``features``) some live edge into another node uses."""
-        return sorted({s for s, _ in self._edges_needing(need)})
+        """The nodes that send ``need`` (a ``Sendable``: ``embedding``, ``features``...) at every
+        step: some live edge out of them has a kind that ``sends`` it."""
+        return sorted({s for t in range(self.num_nodes) for s, _ in self.incoming(t)
+                       if s != t and any(kind_of(k).sends == need for k in self.edge_kinds(t, s))})
 
     def receivers(self, need: str) -> list[int]:
-        """The nodes with a live incoming edge that uses ``need``."""
-        return sorted({t for _, t in self._edges_needing(need)})
+        """The nodes with a live incoming edge whose kind uses the source's ``need``."""
+        return sorted({t for t in range(self.num_nodes) for s, _ in self.incoming(t)
+                       if s != t and any(kind_of(k).sends == need for k in self.edge_kinds(t, s))})
 
     @property
     def num_nodes(self) -> int:

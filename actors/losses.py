@@ -9,23 +9,15 @@ Cross edge s -> t, ``kl`` (Hinton et al. 2015; DML, Zhang et al. 2018)::
     l_n = T^2 * KL( softmax(z_s,n / T) || softmax(z_t,n / T) )
 
 ``z_s`` is the source node's logits as received from the exchange (detached: only the
-receiving node t learns from the edge).
+receiving node t learns from the edge). These are the formulas; the edge kinds that use
+them (``actors.edge_kinds``) say where and how.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-from actors.registry import Registry
-
-
-class EdgeLoss(Protocol):
-    def __call__(self, target_logits: torch.Tensor, source_logits: torch.Tensor, *, temperature: float) -> torch.Tensor: ...
-
-
-EDGE_LOSSES: Registry[EdgeLoss] = Registry("edge loss")
 
 
 def label_loss(target_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -33,13 +25,16 @@ def label_loss(target_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(target_logits, labels, reduction="none")
 
 
-@EDGE_LOSSES.register("kl")
 def kl_loss(target_logits: torch.Tensor, source_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """``T^2 * KL(p_s || p_t)`` per sample, p = softmax(logits / T); no gradient to the source."""
+    """``T^2 * KL(p_s || p_t)`` per sample, p = softmax(logits / T); no gradient to the source.
+    ``target_logits`` [B, C]; ``source_logits`` [B, C] (-> [B]) or several sources stacked,
+    [S, B, C] (-> [S, B]: the target's softmax computed once, each row as it is alone)."""
     t = float(temperature)
-    log_p_s = F.log_softmax(source_logits.detach().float() / t, dim=1)
-    log_p_t = F.log_softmax(target_logits.float() / t, dim=1)
-    return F.kl_div(log_p_t, log_p_s, reduction="none", log_target=True).sum(dim=1) * (t * t)
+    log_p_s = F.log_softmax(source_logits.detach().float() / t, dim=-1)
+    log_p_t = F.log_softmax(target_logits.float() / t, dim=-1)
+    if log_p_s.dim() > log_p_t.dim():
+        log_p_t = log_p_t.expand_as(log_p_s)
+    return F.kl_div(log_p_t, log_p_s, reduction="none", log_target=True).sum(dim=-1) * (t * t)
 
 
 # --- relation losses (pairwise: one number per batch) ----------------------------------------
@@ -115,7 +110,3 @@ def rkd_angle_loss(target_emb: torch.Tensor, source_emb: torch.Tensor,
     h = F.smooth_l1_loss(_angles(s), at, reduction="none")
     n = keep.sum()  # one kept sample: its only entry (i, i, i) is degenerate, 0
     return (h * triples).sum() / (n * n * n).clamp(min=1)
-
-
-#: the pairwise kinds' losses: (receiver's embedding, source's embedding, keep mask) -> scalar
-PAIRWISE_LOSSES = {"rkd_distance": rkd_distance_loss, "rkd_angle": rkd_angle_loss}

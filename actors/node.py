@@ -1,23 +1,27 @@
-"""One graph node's learning: its model, optimiser, incoming gated edges, and the three
-named parts of its step (forward, loss, update). No data, no distribution: the worker
-(``actors.worker``) and the single-process reference (``coordinator.sequential``) both
-drive nodes through these same methods.
+"""One graph node's learning: its model, optimiser, incoming gated edges, and its step.
+
+``GraphNode.outputs`` is the step's forward; ``GraphNode.step`` takes what the exchange
+delivered (``Delivered``) and does the rest: the gated loss of every incoming edge (each
+edge kind computing all its edges at once, each gate evaluated once for all its edges),
+then the update; it returns what the node reports of the step (``NodeLoss``) and keeps
+nothing between calls. No data, no distribution: the worker (``actors.worker``) and the
+single-process reference (``coordinator.sequential``) both drive nodes through these same
+methods.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from actors.config import OptimConfig
 from actors.files import load_model_weights
-from actors.gates import GATES, gate_progress, is_correct
+from actors.gates import GATES, Gate, gate_progress
 from actors.graph import GraphSpec
-from actors.losses import EDGE_LOSSES, PAIRWISE_LOSSES, kl_loss, label_loss
-from actors.mhgd import aligned_vectors, clip_ramp, graph_loss, load_attention, receiver_vectors, source_vectors, split_vectors
+from actors.kinds import SENDABLES, EdgeBatch, EdgeKind, Receiver, kind_of, order_key
 from actors.models import build_model
 
 
@@ -56,6 +60,67 @@ class LrSchedule:
         return f
 
 
+@dataclass
+class Delivered:
+    """What a step's exchange delivered, the same on every process."""
+
+    logits: torch.Tensor
+    """``[M, B, C]``: every node's detached logits, in node order."""
+    sent: dict[str, list[Optional[torch.Tensor]]] = field(default_factory=dict)
+    """Per ``Sendable`` besides the logits (``embedding``, ``features``...): every node's
+    ``[B, width]`` tensor, None for a node that sends none."""
+
+
+@dataclass
+class NodeLoss:
+    """A node's step, as it reports it (nothing of it stays on the node)."""
+
+    total: torch.Tensor
+    """The node's loss (with gradient)."""
+    terms: torch.Tensor
+    """``[len(edges)]``: each incoming edge's gated loss (detached; several kinds: their sum)."""
+    weights: torch.Tensor
+    """``[len(edges)]``: the mean weight each edge's gate put on the batch (the dashboards')."""
+    task: Optional[torch.Tensor] = None
+    """With a kind whose loss enters the update apart (mhgd's clip): the rest of the loss..."""
+    apart: Optional[torch.Tensor] = None
+    """...and that kind's gated loss, each as it enters ``total``."""
+    apart_kind: Optional[EdgeKind] = None
+    skipped: bool = False
+    """A non-finite loss skipped (``train.nonfinite=skip``)."""
+
+
+@dataclass
+class _GateGroup:
+    """The node's incoming edges behind one gate (the label edge apart): evaluated once a step."""
+
+    gate: Gate
+    positions: list[int]
+    sources: Optional[torch.Tensor]  # node indices of the sources; None: the label edge
+
+
+@dataclass
+class _Part:
+    """The edges of one kind behind one gate group."""
+
+    group: int
+    kind_rows: Optional[torch.Tensor]   # rows of the kind's loss (None: all of them, in order)
+    group_rows: Optional[torch.Tensor]  # rows of the group's weights (None: all of them, in order)
+    positions: torch.Tensor             # the edges' positions among the node's incoming edges
+
+
+@dataclass
+class _KindEdges:
+    """One kind's instance on this node, and where its edges sit."""
+
+    kind: EdgeKind
+    weight: float
+    sources: list[int]
+    source_index: Optional[torch.Tensor]  # for a kind that reads the sources' logits
+    parts: list[_Part]
+    edge_groups: list[tuple[int, int]]    # per edge of the kind: (group, row in the group)
+
+
 class GraphNode:
     """Node ``index`` of a knowledge transfer graph.
 
@@ -65,9 +130,9 @@ class GraphNode:
         L_t = G_tt(CE(y, z_t)) + mean_{s != t} G_st(...)                    (reduction=mean)
 
     for the default edge kinds; with ``graph.kinds`` each edge sums ``w_k G_st(loss_k)`` over
-    its kinds (``ce``/``self`` on the diagonal; ``kl``, ``rkd_distance``, ``rkd_angle``,
-    ``mhgd`` across; docs/edge-kinds.md), and an ``mhgd`` term's gradient is clipped apart
-    (``_clipped_backward``).
+    its kinds (``actors.kinds``; docs/edge-kinds.md). Each kind computes all of the node's
+    incoming edges of its kind at once, and each gate is evaluated once for all its edges,
+    so a step's cost does not grow with the number of edges by a few kernels per edge.
 
     A frozen node (every incoming gate Cutoff) runs under no_grad and is never stepped.
     With ``graph.frozen_bn=eval`` (default) it runs in eval mode, so its BatchNorm
@@ -80,81 +145,112 @@ class GraphNode:
     step (``zero_loss``), as both reference codes skip it.
     """
 
-    def __init__(self, index: int, graph: GraphSpec, num_classes: int, in_channels: int, optim: OptimConfig, epochs: int,
-                 steps_per_epoch: int, seed: int, device: torch.device, precision: str = "fp32",
-                 channels_last: bool = False, compile: bool = False):
+    def __init__(self, index: int, graph: GraphSpec, *, num_classes: int, in_channels: int, optim: OptimConfig,
+                 epochs: int, steps_per_epoch: int, seed: int = 0, device: torch.device = torch.device("cpu"),
+                 precision: str = "fp32", channels_last: bool = False, compile: bool = False):
         self.index = index
         self.model_name = graph.nodes[index].model
         self.frozen = graph.is_frozen(index)
         self.frozen_bn = graph.frozen_bn
         self.skip_zero_loss = graph.skip_zero_loss
         self.progress_mode = graph.progress
+        self.reduction = graph.reduction
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = epochs * steps_per_epoch
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(node_seed(seed, index))
-            self.model = build_model(self.model_name, num_classes, in_channels)
-        ckpt: Optional[str] = graph.nodes[index].checkpoint
-        if ckpt:
-            state, _ = load_model_weights(ckpt)
-            self.model.load_state_dict(state)
-        self.model.to(device)
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        # The module that runs the forward: the model itself, or its torch.compile'd wrapper
-        # (state dicts and checkpoints always use self.model, so they do not depend on it).
-        self.run_model = torch.compile(self.model) if compile else self.model
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.device = torch.device(device)
         self.device_type = self.device.type
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self._build_model(graph, num_classes, in_channels, seed, channels_last, compile)
         self.edges = [(s, GATES.get(g), g) for s, g in graph.incoming(index)]
-        self.edge_kinds = [graph.edge_kinds(index, s) for s, _ in graph.incoming(index)]
-        self.kind_weights = {k: graph.kind_weight(k) for ks in self.edge_kinds for k in ks}
-        # the penultimate embedding: computed when an edge of this node's or out of it needs it
-        self.needs_embedding = index in graph.senders("embedding") or index in graph.receivers("embedding")
-        # mhgd: a frozen source sends its compressed stage features; a receiver reads its own
-        # stage maps (with gradient) and holds each source's trained attention module, frozen
-        self.sends_features = index in graph.senders("features")
-        self.attention = {}
-        if not graph.is_frozen(index):
-            self.attention = {s: load_attention(graph.nodes[s].attention, device)[0]
-                              for (s, _, _), k in zip(self.edges, self.edge_kinds) if "mhgd" in k}
-        self.needs_stages = self.sends_features or bool(self.attention)
-        self.mhgd_clip = bool(self.attention) and graph.mhgd_option("clip")
-        # this step's mhgd loss and the rest of its loss (the task loss), kept apart for the clip
-        self._transfer: Optional[torch.Tensor] = None
-        self._task: Optional[torch.Tensor] = None
-        self.edge_loss = EDGE_LOSSES.get(graph.loss)
-        # self-distillation (a live ``self`` kind on the diagonal): a frozen copy of this very
-        # model as trained alone in stage 1, always with its stored BatchNorm statistics
-        self.self_teacher = None
-        self.self_temperature = graph.self_temperature or graph.temperature
-        if any(s == index and "self" in k for (s, _, _), k in zip(self.edges, self.edge_kinds)):
-            with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: draw nothing
-                self.self_teacher = build_model(self.model_name, num_classes, in_channels)
-            state, _ = load_model_weights(graph.nodes[index].self_checkpoint)
-            self.self_teacher.load_state_dict(state)
-            self.self_teacher.to(device).eval().requires_grad_(False)
-            if channels_last:
-                self.self_teacher.to(memory_format=torch.channels_last)
-        self.temperature = graph.temperature
-        self.reduction = graph.reduction
+        receiver = Receiver(index, graph, self.model_name, num_classes, in_channels, self.device, channels_last,
+                            self._autocast)
+        self._plan_edges(graph, receiver)
+        # what the step's forward returns besides the logits: what this node's kinds read of it,
+        # and what it sends for the kinds of the edges out of it
+        self.sends = [SENDABLES.get(n) for n in SENDABLES.names() if n != "logits" and index in graph.senders(n)]
+        self.model_outputs = {u for k in self.kinds for u in k.kind.uses} | {s.made_from for s in self.sends}
         self.optimizer = self.scheduler = None
         if self.frozen:
             self.model.train(self.frozen_bn == "train")
             self.model.requires_grad_(False)
         else:
-            self.optimizer = torch.optim.SGD(
-                self.model.parameters(), lr=optim.lr, momentum=optim.momentum,
-                nesterov=optim.nesterov, weight_decay=optim.weight_decay,
-            )
-            self.lr_schedule = LrSchedule(
-                optim.schedule, steps_per_epoch, self.total_steps, tuple(optim.milestones), optim.gamma,
-                int(round(optim.warmup_epochs * steps_per_epoch)), optim.schedule_step == "epoch",
-            )
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_schedule)
+            self._build_optimizer(optim)
 
-    # --- the step, in named parts -----------------------------------------------------------
+    def _build_model(self, graph: GraphSpec, num_classes: int, in_channels: int, seed: int, channels_last: bool,
+                     compile: bool) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(node_seed(seed, self.index))
+            self.model = build_model(self.model_name, num_classes, in_channels)
+        ckpt: Optional[str] = graph.nodes[self.index].checkpoint
+        if ckpt:
+            state, _ = load_model_weights(ckpt)
+            self.model.load_state_dict(state)
+        self.model.to(self.device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        # The module that runs the forward: the model itself, or its torch.compile'd wrapper
+        # (state dicts and checkpoints always use self.model, so they do not depend on it).
+        self.run_model = torch.compile(self.model) if compile else self.model
+
+    def _plan_edges(self, graph: GraphSpec, receiver: Receiver) -> None:
+        """The gate groups and each kind's instance and edges, fixed for the run."""
+        dev = self.device
+        self.label_position = next((p for p, (s, _, _) in enumerate(self.edges) if s == self.index), None)
+        self.cross_positions = torch.tensor([p for p, (s, _, _) in enumerate(self.edges) if s != self.index],
+                                            dtype=torch.int64, device=dev)
+        keys: dict[tuple[str, bool], list[int]] = {}
+        for p, (s, _, g) in enumerate(self.edges):
+            keys.setdefault((g, s == self.index), []).append(p)
+        self.groups = [_GateGroup(GATES.get(g), ps, None if diag else self._index([self.edges[p][0] for p in ps]))
+                       for (g, diag), ps in keys.items()]
+        group_of = {p: (i, r) for i, grp in enumerate(self.groups) for r, p in enumerate(grp.positions)}
+        # the concatenated groups' rows back in edge order (the gate weights of every edge, in one index)
+        order = [p for grp in self.groups for p in grp.positions]
+        self.weight_order = self._index([order.index(p) for p in range(len(self.edges))])
+        by_kind: dict[str, list[int]] = {}
+        for p, (s, _, _) in enumerate(self.edges) if not self.frozen else ():
+            for name in graph.edge_kinds(self.index, s):
+                by_kind.setdefault(name, []).append(p)
+        self.kinds: list[_KindEdges] = []
+        for name in sorted(by_kind, key=order_key):  # the kinds' order: the order of each edge's sum
+            positions = by_kind[name]
+            cls = kind_of(name)
+            sources = [self.edges[p][0] for p in positions]
+            parts = []
+            for i, grp in enumerate(self.groups):
+                mine = [(r, p) for r, p in enumerate(positions) if group_of[p][0] == i]
+                if mine:
+                    kind_rows = [r for r, _ in mine]
+                    group_rows = [group_of[p][1] for _, p in mine]
+                    parts.append(_Part(i, None if kind_rows == list(range(len(positions))) else self._index(kind_rows),
+                                       None if group_rows == list(range(len(grp.positions))) else self._index(group_rows),
+                                       self._index([p for _, p in mine])))
+            self.kinds.append(_KindEdges(cls(receiver, sources), graph.kind_weight(name), sources,
+                                         self._index(sources) if cls.sends == "logits" else None, parts,
+                                         [group_of[p] for p in positions]))
+
+    def _index(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    def _build_optimizer(self, optim: OptimConfig) -> None:
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=optim.lr, momentum=optim.momentum,
+            nesterov=optim.nesterov, weight_decay=optim.weight_decay,
+        )
+        self.lr_schedule = LrSchedule(
+            optim.schedule, self.steps_per_epoch, self.total_steps, tuple(optim.milestones), optim.gamma,
+            int(round(optim.warmup_epochs * self.steps_per_epoch)), optim.schedule_step == "epoch",
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_schedule)
+
+    def kind(self, name: str) -> EdgeKind:
+        """This node's instance of kind ``name`` (one of its incoming edges' kinds)."""
+        for k in self.kinds:
+            if k.kind.name == name:
+                return k.kind
+        raise KeyError(f"node {self.index} has no incoming {name} edge")
+
+    # --- the forward --------------------------------------------------------------------------
 
     def progress(self, step: int) -> float:
         """What the gates see at the 1-based global step ``step`` (``gate_progress``): the
@@ -166,10 +262,10 @@ class GraphNode:
         return self.outputs(x)["logits"]
 
     def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The step's forward: ``logits`` (float32); ``embedding`` ([B, D], float32) when an
-        edge of the graph needs this node's; ``maps`` (its stage feature maps) and, from a
-        frozen mhgd source, ``features`` (their SVD vectors) for mhgd edges; ``self_logits``
-        (its stage-1 copy's) for a ``self`` kind."""
+        """The step's forward: ``logits`` (float32); what the node's kinds use of its own
+        forward (``embedding`` [B, D] float32, ``maps``: its stage feature maps) and add to it
+        (``EdgeKind.own``, e.g. ``self_logits``); what it sends for the kinds of the edges out
+        of it (``Sendable``: ``embedding``, ``features``)."""
         if self.frozen:
             # eval: stored statistics; train: batch statistics, running ones updated (evaluation
             # switches the model to eval and back, so set the mode on every step)
@@ -215,124 +311,123 @@ class GraphNode:
                               enabled=self.autocast_dtype is not None)
 
     def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        stages = "maps" in self.model_outputs
         with self._autocast():
-            out = self.run_model(x, embedding=self.needs_embedding or self.needs_stages, stages=self.needs_stages)
+            out = self.run_model(x, embedding=stages or "embedding" in self.model_outputs, stages=stages)
         out = out if isinstance(out, tuple) else (out,)  # (logits[, embedding[, stage maps]])
         res = {"logits": out[0].float()}
         if len(out) > 1:
             res["embedding"] = out[1].float()
         if len(out) > 2:
             res["maps"] = out[2]
-            if self.sends_features:
-                res["features"] = source_vectors(out[2])
-        if self.self_teacher is not None:
-            with torch.no_grad(), self._autocast():
-                res["self_logits"] = self.self_teacher(x).float()
+        for sendable in self.sends:
+            if sendable.derive is not None:
+                res[sendable.name] = sendable.derive(res)
+        for k in self.kinds:
+            res.update(k.kind.own(x))
         return res
 
-    def loss(self, logits: torch.Tensor, all_logits: torch.Tensor, labels: torch.Tensor, progress: float,
-             own: Optional[dict[str, torch.Tensor]] = None,
-             received: Optional[dict[str, list[Optional[torch.Tensor]]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``all_logits``: [M, B, C] (every node's detached logits of this step); ``own``: this
-        node's ``outputs`` (its embedding and stage maps, with gradient); ``received``: per
-        need (``embedding``, ``features``) every node's detached tensor (None where a node
-        sends none). Returns
-        the node's total loss and the gated loss of each incoming edge (detached,
-        [len(edges)]; an edge of several kinds: their sum)."""
-        terms, label_term, cross = [], None, []
-        task_cross: list[torch.Tensor] = []  # with mhgd clipping: each cross edge without its mhgd term
-        self._transfer = self._task = None
-        if self.attention and own is not None:  # the receiver's singular vectors, once for all its mhgd edges
-            own = {**own, "vectors": receiver_vectors(own["maps"])}
-        for (s, gate, _), kinds in zip(self.edges, self.edge_kinds):
-            src = None if s == self.index else all_logits[s]
-            g = task = None
-            for kind in kinds:
-                value = self._kind_loss(kind, s, gate, logits, src, labels, progress, own, received)
-                g = value if g is None else g + value
-                if self.mhgd_clip and kind != "mhgd":
-                    task = value if task is None else task + value
-            if s == self.index:
-                label_term = g
-            else:
-                cross.append(g)
-                task_cross.append(task if task is not None else logits.new_zeros(()))
-            terms.append(g)
-        total = self._combine(label_term, cross, logits)
-        if self.mhgd_clip and self._transfer is not None:
-            # the clip needs the task loss and the mhgd loss apart, each as it enters the total
-            self._task = self._combine(label_term, task_cross, logits)
-            if self.reduction == "mean":
-                self._transfer = self._transfer / len(cross)
-        return total, torch.stack([t.detach() for t in terms]) if terms else logits.new_zeros(0)
+    # --- the step -----------------------------------------------------------------------------
 
-    def _combine(self, label_term: Optional[torch.Tensor], cross: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """The label edge plus the cross edges, summed or (``graph.reduction=mean``) averaged."""
-        total = label_term if label_term is not None else like.new_zeros(())
-        if cross:
-            c = torch.stack(cross).sum()
-            total = total + (c / len(cross) if self.reduction == "mean" else c)
-        return total
-
-    def _kind_loss(self, kind: str, s: int, gate, logits: torch.Tensor, src: Optional[torch.Tensor],
-                   labels: torch.Tensor, progress: float, own, received) -> torch.Tensor:
-        """One kind's gated, weighted loss on the edge s -> this node (docs/edge-kinds.md)."""
-        w = self.kind_weights[kind]
-        if kind == "ce":
-            g = gate(label_loss(logits, labels), source_logits=None, labels=labels, progress=progress)
-            return g if w == 1.0 else g * w
-        if kind == "kl":
-            per_sample = self.edge_loss(logits, src, temperature=self.temperature)
-            g = gate(per_sample, source_logits=src, labels=labels, progress=progress)
-            return g if w == 1.0 else g * w
-        if kind == "self":
-            per_sample = kl_loss(logits, own["self_logits"], temperature=self.self_temperature)
-            return gate(per_sample, source_logits=None, labels=labels, progress=progress) * w
-        # the pairwise kinds (rkd_*, mhgd) are one number per batch: Correct keeps the samples the
-        # source got right when the relations are built; a time gate scales the number
-        keep = (src.argmax(dim=1) == labels).to(logits.dtype) if is_correct(gate) else None
-        if kind == "mhgd":
-            module = self.attention[s]
-            source = split_vectors(received["features"][s], module.widths)
-            value = graph_loss(module, aligned_vectors(own["vectors"], source), source, keep)
+    def step(self, own: dict[str, torch.Tensor], delivered: Delivered, labels: torch.Tensor, step: int,
+             skip_nonfinite: bool = False, mark: Optional[Callable[[str], None]] = None) -> Optional[NodeLoss]:
+        """Parts 4 and 5 of the global step ``step`` (1-based): the loss from this node's
+        forward ``own`` and what the exchange ``delivered``, then the update. Returns the
+        loss as reported (None for a frozen node, which learns nothing). ``skip_nonfinite``
+        (``train.nonfinite=skip``): a non-finite loss is skipped (a host sync). ``mark``: the
+        benchmark's step timer."""
+        if self.frozen:
+            return None
+        result = self.loss(own, delivered, labels, self.progress(step))
+        if mark is not None:
+            mark("loss")
+        if skip_nonfinite and not torch.isfinite(result.total).item():
+            result.skipped = True
+            self.skip_update()
         else:
-            value = PAIRWISE_LOSSES[kind](own["embedding"], received["embedding"][s], keep)
-        g = gate(value.reshape(1), source_logits=None, labels=labels, progress=progress) * w
-        if kind == "mhgd":
-            self._transfer = g if self._transfer is None else self._transfer + g
-        return g
+            self.update(result, mark)
+        return result
 
-    def gate_weights(self, all_logits: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
-        """The mean weight each incoming edge's gate put on this step's samples
-        (``[len(edges)]``): 1 for Through, k/k_end for Linear, the fraction of samples the
-        source got right for Correct. For the dashboards; no host sync."""
-        if not self.edges:
-            return all_logits.new_zeros(0)
-        ones = all_logits.new_ones(labels.shape[0])
-        return torch.stack([
-            gate(ones, source_logits=None if s == self.index else all_logits[s], labels=labels, progress=progress)
-            for s, gate, _ in self.edges
-        ]).detach()
+    def loss(self, own: dict[str, torch.Tensor], delivered: Delivered, labels: torch.Tensor,
+             progress: float) -> NodeLoss:
+        """The node's loss: every gate evaluated once for its edges, every kind's loss once
+        for its edges, gated, weighted and summed per edge in the kinds' order."""
+        like = own["logits"]
+        n = len(self.edges)
+        gate_w = [g.gate.weights(None if g.sources is None or not g.gate.reads_sources else delivered.logits[g.sources],
+                                 labels, progress) for g in self.groups]
+        weights = torch.cat([g.gate.mean_weight(w, like, len(g.positions)) for g, w in zip(self.groups, gate_w)])
+        weights = weights[self.weight_order].detach()
+        terms = like.new_zeros(n)
+        task = apart = apart_kind = None
+        for k in self.kinds:
+            gated = self._kind_terms(k, own, delivered, labels, progress, gate_w)
+            for part, value in gated:
+                terms = terms.index_add(0, part.positions, value)
+                if k.kind.apart():
+                    apart, apart_kind = (value.sum() if apart is None else apart + value.sum()), k.kind
+                else:
+                    task = (like.new_zeros(n) if task is None else task).index_add(0, part.positions, value)
+        total = self._combine(terms, like)
+        if apart is None:
+            return NodeLoss(total, terms.detach(), weights)
+        task = self._combine(task if task is not None else like.new_zeros(n), like)
+        if self.reduction == "mean":
+            apart = apart / len(self.cross_positions)
+        return NodeLoss(total, terms.detach(), weights, task, apart, apart_kind)
+
+    def _kind_terms(self, k: _KindEdges, own, delivered: Delivered, labels: torch.Tensor, progress: float,
+                    gate_w: list) -> list[tuple[_Part, torch.Tensor]]:
+        """One kind's gated, weighted losses, per gate group of its edges."""
+        kind = k.kind
+        sent = [delivered.sent[kind.sends][s] for s in k.sources] if kind.sends not in (None, "logits") else []
+        keep = []
+        if not kind.per_sample:  # the Correct gate's masks, for the relations of the kept samples
+            keep = [w[r] if isinstance(w := gate_w[g], torch.Tensor) else None for g, r in k.edge_groups]
+        source_logits = delivered.logits[k.source_index] if k.source_index is not None else None
+        value = kind.loss(EdgeBatch(own, labels, source_logits, sent, keep))
+        out = []
+        for part in k.parts:
+            gate = self.groups[part.group].gate
+            v = value if part.kind_rows is None else value[part.kind_rows]
+            if kind.per_sample:
+                w = gate_w[part.group]
+                if isinstance(w, torch.Tensor) and part.group_rows is not None:
+                    w = w[part.group_rows]
+                g = gate.reduce(v, w)
+            else:  # one number per edge: a time gate scales it (Correct acted through keep)
+                g = gate.reduce(v[:, None], gate.weights(None, labels, progress))
+            out.append((part, g if k.weight == 1.0 else g * k.weight))
+        return out
+
+    def _combine(self, terms: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The label edge plus the cross edges, summed or (``graph.reduction=mean``) averaged."""
+        total = terms[self.label_position] if self.label_position is not None else like.new_zeros(())
+        if len(self.cross_positions):
+            c = terms[self.cross_positions].sum()
+            total = total + (c / len(self.cross_positions) if self.reduction == "mean" else c)
+        return total
 
     def zero_loss(self, loss: torch.Tensor) -> bool:
         """With ``graph.skip_zero_loss``: is this step's whole loss exactly 0 (its update is
         then skipped)? Reads the loss (a host sync) only when the option is on."""
         return self.skip_zero_loss and loss.item() == 0.0
 
-    def update(self, loss: torch.Tensor, mark: Optional[Callable[[str], None]] = None) -> bool:
+    def update(self, loss: NodeLoss, mark: Optional[Callable[[str], None]] = None) -> bool:
         """The step's part 5: backward and optimiser step (the schedule advances with it),
         or, for a zero loss under ``graph.skip_zero_loss``, the schedule's advance only.
         Returns whether the parameters were updated. ``mark(part)`` is called after the
         backward ("backward") and after the optimiser step ("optimizer"): the benchmark's
         step timer."""
-        if self.zero_loss(loss):
+        if self.zero_loss(loss.total):
             self.skip_update()
             return False
         self.optimizer.zero_grad(set_to_none=True)
-        if self.mhgd_clip and self._transfer is not None:
-            self._clipped_backward(self._task, self._transfer)
+        if loss.apart is not None:  # e.g. mhgd: its gradient clipped to the task gradient's norm
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            loss.apart_kind.backward(params, loss.task, loss.apart, self.scheduler.last_epoch // self.steps_per_epoch)
         else:
-            loss.backward()
+            loss.total.backward()
         if mark is not None:
             mark("backward")
         self.optimizer.step()
@@ -340,33 +435,6 @@ class GraphNode:
         if mark is not None:
             mark("optimizer")
         return True
-
-    def _clipped_backward(self, task: torch.Tensor, transfer: torch.Tensor) -> None:
-        """MHGD's update: per parameter tensor, the task gradient (the loss of every other
-        edge, ``task``) plus the mhgd gradient (of ``transfer``) clipped to norm
-        ``||task gradient|| * clip_ramp(epoch)`` (TensorFlow's ``clip_by_norm``); weight decay
-        is added by the optimiser, as the original adds it. A parameter neither loss reaches
-        keeps no gradient (the optimiser skips it, as after ``backward``)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        none = [None] * len(params)
-        grads = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True) if task.requires_grad else none
-        dist = torch.autograd.grad(transfer, params, allow_unused=True) if transfer.requires_grad else none
-        ramp = clip_ramp(self.scheduler.last_epoch // self.steps_per_epoch)
-        # every parameter with an mhgd gradient at once (foreach kernels, not ~5 small ones per tensor)
-        both = [i for i, gd in enumerate(dist) if gd is not None]
-        if both:
-            gts = [grads[i] if grads[i] is not None else torch.zeros_like(params[i]) for i in both]
-            gds = [dist[i] for i in both]
-            bound = torch.stack(torch._foreach_norm(gts)) * ramp
-            norm = torch.stack(torch._foreach_norm(gds))
-            scale = torch.where(norm > bound, bound / norm.clamp(min=1e-30), torch.ones_like(norm))
-            # out of place: autograd.grad may hand back expanded (stride-0) or shared tensors
-            gts = torch._foreach_add(gts, torch._foreach_mul(gds, list(scale.unbind())))
-            grads = list(grads)
-            for i, g in zip(both, gts):
-                grads[i] = g
-        for p, g in zip(params, grads):
-            p.grad = g
 
     def skip_update(self) -> None:
         """A skipped step (non-finite loss, or a zero loss under ``graph.skip_zero_loss``):

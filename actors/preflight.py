@@ -11,8 +11,8 @@ from actors.config import RunConfig
 from actors.data import Dataset, DatasetError, load_dataset
 from actors.errors import ConfigError
 from actors.files import load_model_weights
-from actors.mhgd import VECTOR_SIGN, load_attention
-from actors.models import MODELS, build_model, stage_widths
+from actors.kinds import kind_of
+from actors.models import build_model
 from actors.placement import check_placement, resolve_placement
 
 
@@ -82,17 +82,18 @@ def load_data(cfg: RunConfig) -> Dataset:
 
 
 def check_checkpoints(cfg: RunConfig, data: Dataset, attention: bool = True) -> None:
-    """Every node checkpoint (and self-teacher) exists, and matches its node's architecture
-    and class count; with ``attention``, so does every mhgd attention module."""
+    """Every node checkpoint exists and matches its node's architecture and class count; then
+    every kind on a live edge checks what it reads (``EdgeKind.check_data``: a self-teacher,
+    mhgd's attention modules). ``attention`` False: stage-1 outputs (mhgd's attention modules)
+    are what is being made, and are not checked."""
     for i, n in enumerate(cfg.graph.nodes):
-        for key in ("checkpoint", "self_checkpoint"):
-            if getattr(n, key):
-                _check_checkpoint(i, n.model, key, getattr(n, key), data)
-        if n.attention and attention and i in cfg.graph.senders("features"):  # a live mhgd edge leaves it
-            check_attention(cfg.graph, i, data)
+        if n.checkpoint:
+            check_checkpoint(i, n.model, "checkpoint", n.checkpoint, data)
+    for name in cfg.graph.live_kinds():
+        kind_of(name).check_data(cfg.graph, data, trained=attention)
 
 
-def _check_checkpoint(i: int, model: str, key: str, path: str, data: Dataset) -> None:
+def check_checkpoint(i: int, model: str, key: str, path: str, data: Dataset) -> None:
     """``graph.nodes[i].<key>`` exists, and holds a ``model`` for the dataset's classes."""
     where = f"graph.nodes[{i}].{key}={path}"
     if not os.path.isfile(path):
@@ -117,51 +118,6 @@ def _check_checkpoint(i: int, model: str, key: str, path: str, data: Dataset) ->
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise ConfigError(f"{where} does not fit a {model} for {data.name}: {' '.join(first[:3])[:400]}") from e
-
-
-def check_mhgd_widths(graph, i: int, data: Dataset) -> None:
-    """Every node that learns from node i through mhgd has node i's stage widths."""
-    n = graph.nodes[i]
-    widths = stage_widths(n.model, data.info.num_classes, data.info.in_channels)
-    for t in range(graph.num_nodes):
-        if t != i and "mhgd" in graph.edge_kinds(t, i):
-            got = stage_widths(graph.nodes[t].model, data.info.num_classes, data.info.in_channels)
-            if got != widths:
-                raise ConfigError(
-                    f"graph.kinds[{t}][{i}] (edge {i} -> {t}): mhgd compares the two networks' stage features, so they "
-                    f"need the same stage widths; node {i} ({n.model}) has {widths}, node {t} "
-                    f"({graph.nodes[t].model}) has {got}. Models with {widths}: "
-                    + ", ".join(m for m in MODELS.names() if stage_widths(m, data.info.num_classes, data.info.in_channels) == widths)
-                )
-
-
-def check_attention(graph, i: int, data: Dataset) -> None:
-    """``graph.nodes[i].attention``: a readable attention module trained on node i's very
-    checkpoint (the file's digest, recorded by ``mode=attention``) and dataset, and every node
-    that learns from it through mhgd has the same stage widths."""
-    check_mhgd_widths(graph, i, data)
-    n = graph.nodes[i]
-    where = f"graph.nodes[{i}].attention={n.attention}"
-    widths = stage_widths(n.model, data.info.num_classes, data.info.in_channels)
-    again = f"`python launch.py mode=attention graph=<this graph> dataset={data.name}`"
-    if not os.path.isfile(n.attention):
-        raise ConfigError(f"{where}: file not found. Train it first (stage 1 of MHGD): {again}")
-    try:
-        _, meta = load_attention(n.attention)
-    except Exception as e:
-        raise ConfigError(f"{where}: not a readable attention module ({type(e).__name__}: {e})") from e
-    if list(meta.get("widths", [])) != widths or meta.get("model") not in (None, n.model):
-        raise ConfigError(f"{where} was trained on a {meta.get('model')} (stage widths {meta.get('widths')}), "
-                          f"not on node {i}'s {n.model} (stage widths {widths}); train it again with mode=attention")
-    if meta.get("vector_sign") != VECTOR_SIGN:
-        raise ConfigError(f"{where} was trained by an older version, on stage vectors of another sign convention (the "
-                          f"module reads their sign); move it aside and train it again: {again}")
-    if meta.get("checkpoint_sha256") not in (None, file_digest(n.checkpoint)):
-        raise ConfigError(f"{where} was trained on another version of graph.nodes[{i}].checkpoint={n.checkpoint} "
-                          f"(the file changed since); move the old module aside and train it again: {again}")
-    if meta.get("dataset") not in (None, data.name):
-        raise ConfigError(f"{where} was trained on dataset {meta['dataset']}, this run is on {data.name}; "
-                          f"train one for {data.name}: {again}")
 
 
 def file_digest(path: str) -> str:

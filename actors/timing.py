@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-PARTS = ("batch", "forward", "wait", "exchange", "loss", "backward", "optimizer")
+PARTS = ("batch", "forward", "wait", "exchange", "loss", "backward", "optimizer", "tally")
+"""The step's parts, in order; ``tally`` is the epoch's running sums (``EpochTotals.add``)."""
 
 
 class _NoTimer:

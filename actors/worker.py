@@ -4,14 +4,16 @@ The worker does not know who launched it (torchrun, or a Ray actor in a search t
 it is handed its rank's ``DistEnv`` and ``Exchange`` and the already-validated config.
 One training step of node t (of M), each part named as in the design:
 
-1. batch     rows k of the coordinator's epoch plan -> identical augmented batch on every node
-2. forward   logits_t (and the embedding / stage features that the graph's edge kinds need)
-3. exchange  one all-gather of {logits, [embeddings], [features], batch fingerprint} ->
-             every node's logits [M, B, C] (and the embeddings / features edges need)
+1. batch     rows k of the epoch's batch plan (drawn by rank 0, broadcast) -> identical augmented batch on every node
+2. forward   logits_t (and what the graph's edge kinds need of the node: ``GraphNode.outputs``)
+3. exchange  one all-gather of {logits, [what the kinds' ``sends`` name], batch fingerprint}
+             -> every node's logits [M, B, C] and sent tensors (``Delivered``)
 4. loss      sum over incoming edges s->t and their kinds of gate(loss_kind(...), progress)
 5. update    backward + optimiser step, locally (no gradient crosses processes)
 
-``NodeWorker._step`` is that step; ``EpochTotals`` its running sums on the device.
+Parts 4 and 5 are the node's own (``GraphNode.step``). ``NodeWorker.train_batch`` is parts
+2-5; ``EpochTotals`` the running sums on the device. The worker names no edge kind: what
+crosses besides the logits is each ``Sendable`` some live edge's kind declares.
 """
 from __future__ import annotations
 
@@ -25,13 +27,13 @@ import torch
 
 from actors.batch_order import DX, DY, FLIP, PERM, BatchOrder, batch_fingerprint
 from actors.config import RunConfig
-from actors.data import Dataset, Split, augment, to_float
+from actors.data import Dataset, Split, augment, normalize, to_float
 from actors.errors import BatchMismatchError, NonFiniteLossError
 from actors.exchange import DistEnv, Exchange
 from actors.files import NodeStateFiles
+from actors.kinds import SENDABLES
 from actors.metrics import NodeEpochMetrics
-from actors.models import embed_dim, stage_widths
-from actors.node import GraphNode
+from actors.node import Delivered, GraphNode, NodeLoss
 from actors.progress import EpochProgress
 from actors.timing import NO_TIMER
 
@@ -46,6 +48,11 @@ class BatchMaker:
         self.split, self.pad, self.mean, self.std = split, crop_pad, mean, std
         self.flip, self.channels_last, self.pad_mode = flip, channels_last, pad_mode
 
+    def step(self, order: BatchOrder, plan: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step ``k`` of the epoch ``plan``: its plan rows and batch ``(rows, x, y)``."""
+        rows = order.batch(plan, k)
+        return (rows, *self(rows))
+
     def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = rows[:, PERM]
         x = to_float(self.split.x[idx])
@@ -59,7 +66,7 @@ class BatchMaker:
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is not None:
-            x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+            x = normalize(x, self.mean, self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -85,9 +92,10 @@ def steps_per_epoch(cfg: RunConfig, order: BatchOrder) -> int:
 
 
 def build_node(cfg: RunConfig, data: Dataset, index: int, steps_per_epoch: int, device: torch.device) -> GraphNode:
-    return GraphNode(index, cfg.graph, data.info.num_classes, data.info.in_channels, cfg.optim,
-                     cfg.train.epochs, steps_per_epoch, cfg.seed, device, cfg.train.precision,
-                     cfg.train.channels_last, cfg.train.compile)
+    return GraphNode(index, cfg.graph, num_classes=data.info.num_classes, in_channels=data.info.in_channels,
+                     optim=cfg.optim, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch, seed=cfg.seed,
+                     device=device, precision=cfg.train.precision, channels_last=cfg.train.channels_last,
+                     compile=cfg.train.compile)
 
 
 def pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -118,7 +126,8 @@ class EpochTotals:
     loss, each incoming edge's gated loss and gate weight, correct predictions; the first
     non-finite step and its edges. Read at the end of the epoch."""
 
-    def __init__(self, num_edges: int, device: torch.device):
+    def __init__(self, num_edges: int, device: torch.device, track_nonfinite: bool = True):
+        self.tracking = track_nonfinite  # train.nonfinite=error: find the first bad step (skip mode skips it)
         self.loss = torch.zeros((), device=device)
         self.edge_loss = torch.zeros(num_edges, device=device)
         self.gate_weight = torch.zeros(num_edges, device=device)
@@ -128,10 +137,19 @@ class EpochTotals:
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.bad_edges = torch.zeros(num_edges, dtype=torch.bool, device=device)
 
-    def add(self, loss: torch.Tensor, terms: torch.Tensor, weights: torch.Tensor) -> None:
-        self.loss += loss.detach()
-        self.edge_loss += terms
-        self.gate_weight += weights
+    def add(self, step: int, logits: torch.Tensor, labels: torch.Tensor, loss: Optional[NodeLoss]) -> None:
+        """The node's step ``step`` (1-based): its logits, and its loss (None: a frozen node)."""
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        if loss is None:
+            return
+        if loss.skipped:
+            self.skipped += 1
+            return
+        if self.tracking:
+            self.track_nonfinite(step, loss.terms)
+        self.loss += loss.total.detach()
+        self.edge_loss += loss.terms
+        self.gate_weight += loss.weights
         self.trained += 1
 
     def mean_loss(self) -> float:
@@ -235,18 +253,18 @@ class NodeWorker:
         self.width = max(len(p) for p in self.placement)
         rows = {t: p * self.width + j for p, nodes in enumerate(self.placement) for j, t in enumerate(nodes)}
         self.node_rows = torch.tensor([rows[t] for t in range(m)], device=self.device)
-        # what crosses besides the logits, only when a live edge needs it: the embeddings
-        # ([B, D_s]) of the nodes that feed a relation edge, the SVD-compressed stage features
-        # ([B, sum_i C_i]) of the frozen nodes that feed an mhgd edge; each padded to the widest
-        # sender's, as one all-gather takes a block of one size from every process
+        # what crosses besides the logits, only when a live edge's kind sends it (``Sendable``:
+        # the embeddings [B, D_s] of the nodes that feed relation edges, mhgd's compressed stage
+        # features [B, sum_i C_i] of frozen nodes...), each padded to the widest sender's, as one
+        # all-gather takes a block of one size from every process
         info = data.info
         models = [n.model for n in cfg.graph.nodes]
-        self.extra_dims = {
-            "embedding": {s: embed_dim(models[s], info.num_classes, info.in_channels) for s in cfg.graph.senders("embedding")},
-            "features": {s: sum(stage_widths(models[s], info.num_classes, info.in_channels))
-                         for s in cfg.graph.senders("features")},
-        }
-        self.extra_dims = {k: v for k, v in self.extra_dims.items() if v}
+        self.extra_dims = {}
+        for name in SENDABLES.names():
+            senders = cfg.graph.senders(name) if name != "logits" else []
+            if senders:
+                width = SENDABLES.get(name).width
+                self.extra_dims[name] = {s: width(models[s], info.num_classes, info.in_channels) for s in senders}
         # progress lines on rank 0: every train.log_every steps; by default ~5 per epoch on long epochs
         self.log_every = cfg.train.log_every or (self.steps_per_epoch // 5 if self.steps_per_epoch >= 200 else 0)
         self.step = 0  # global optimiser steps taken so far (k - 1 for the next step k)
@@ -294,7 +312,7 @@ class NodeWorker:
         cfg = self.cfg
         t0 = time.perf_counter()
         plan = self._epoch_plan(epoch)
-        totals = [EpochTotals(len(n.edges), self.device) for n in self.nodes]
+        totals = [EpochTotals(len(n.edges), self.device, not self.skip_nonfinite) for n in self.nodes]
         check = BatchCheck(self.env.world_size, self.device)
         if self.first_step_at is None:
             self.first_step_at = time.time()
@@ -321,35 +339,23 @@ class NodeWorker:
     def _step(self, plan: torch.Tensor, k: int, totals: list[EpochTotals], check: BatchCheck) -> None:
         """Step k of the epoch (the global step ``self.step + 1``) of every hosted node."""
         self.timer.start()
-        rows = self.order.batch(plan, k)
-        x, y = self.batches(rows)                                       # 1. batch
+        rows, x, y = self.batches.step(self.order, plan, k)            # 1. batch
         self.timer.mark("batch")
         self.train_batch(rows, x, y, totals, check)
 
     def train_batch(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, totals: list[EpochTotals],
                     check: BatchCheck) -> None:
-        """Parts 2-5 of a step on the batch ``x, y`` (plan rows ``rows``)."""
+        """Parts 2-5 of a step on the batch ``x, y`` (plan rows ``rows``): forward every hosted
+        node, one exchange, then each node's own step (loss and update)."""
         tm = self.timer
         outs = [node.outputs(x) for node in self.nodes]                 # 2. forward
         tm.mark("forward")
-        all_logits, received = self._exchange(rows, x, y, outs, check)  # 3. exchange
+        delivered = self._exchange(rows, x, y, outs, check)             # 3. exchange
         self.step += 1
-        for node, out, tot in zip(self.nodes, outs, totals):
-            z = out["logits"]
-            if not node.frozen:
-                progress = node.progress(self.step)  # the one helper the reference uses too
-                loss, terms = node.loss(z, all_logits, y, progress, own=out, received=received)  # 4. loss
-                weights = node.gate_weights(all_logits, y, progress)
-                tm.mark("loss")
-                if self.skip_nonfinite and not torch.isfinite(loss).item():  # host sync, only in skip mode
-                    tot.skipped += 1
-                    node.skip_update()
-                else:
-                    if not self.skip_nonfinite:
-                        tot.track_nonfinite(self.step, terms)
-                    node.update(loss, mark=tm.mark)                     # 5. update
-                    tot.add(loss, terms, weights)
-            tot.correct += (z.detach().argmax(1) == y).sum()
+        for node, out, tot in zip(self.nodes, outs, totals):            # 4. loss, 5. update
+            loss = node.step(out, delivered, y, self.step, self.skip_nonfinite, mark=tm.mark)
+            tot.add(self.step, out["logits"], y, loss)
+            tm.mark("tally")
         tm.end_step()
 
     def _payload(self, outs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -375,11 +381,10 @@ class NodeWorker:
         return out
 
     def _exchange(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, outs: list[dict[str, torch.Tensor]],
-                  check: BatchCheck) -> tuple[torch.Tensor, dict[str, list[Optional[torch.Tensor]]]]:
-        """The one all-gather of the step: every node's detached logits [M, B, C]; when the
-        graph has relation (mhgd) edges, the embeddings (compressed stage features) of the
-        nodes that feed them, returned per node (``[B, D_s]``, None for a node that feeds
-        none); and every ``train.check_batch_every`` steps every process's batch
+                  check: BatchCheck) -> Delivered:
+        """The one all-gather of the step: every node's detached logits [M, B, C]; what the
+        kinds of live edges need sent (``extra_dims``), returned per node (``[B, width]``,
+        None for a node that sends none); and every ``train.check_batch_every`` steps every process's batch
         fingerprint, compared with process 0's (at once on the CPU, where reading costs
         nothing; on an accelerator tracked on the device and read at progress lines and at
         the end of the epoch)."""
@@ -397,11 +402,11 @@ class NodeWorker:
             check.track(self.step + 1, got["batch"])
             if self.device.type == "cpu":
                 self._raise_on_mismatch(check)
-        received: dict[str, list[Optional[torch.Tensor]]] = {}
+        sent: dict[str, list[Optional[torch.Tensor]]] = {}
         for need, dims in self.extra_dims.items():
             every = got[need].flatten(0, 1)[self.node_rows]
-            received[need] = [every[t, :, : dims[t]] if t in dims else None for t in range(self.cfg.graph.num_nodes)]
-        return got["logits"].flatten(0, 1)[self.node_rows], received
+            sent[need] = [every[t, :, : dims[t]] if t in dims else None for t in range(self.cfg.graph.num_nodes)]
+        return Delivered(got["logits"].flatten(0, 1)[self.node_rows], sent)
 
     def _raise_on_mismatch(self, check: BatchCheck) -> None:
         """Read the batch mismatch tracked so far (a host sync on an accelerator)."""
@@ -411,7 +416,7 @@ class NodeWorker:
             nodes = sorted(t for p in processes for t in self.placement[p])
             raise BatchMismatchError(
                 f"node(s) {nodes} hold a different batch than node {self.placement[0][0]} at step {step}; a node has "
-                "drifted from the coordinator's batch order, so the run stops instead of training on mismatched batches"
+                "drifted from rank 0's batch plan, so the run stops instead of training on mismatched batches"
             )
 
     def _check_finite(self, totals: list[EpochTotals], epoch: int) -> None:

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 
 from actors.config import RunConfig
+from actors.edge_kinds import check_mhgd_widths
 from actors.errors import ConfigError
 from actors.exchange import resolve_device
 from actors.files import load_model_weights
 from actors.mhgd import save_attention, train_attention
 from actors.models import build_model
-from actors.preflight import check_checkpoints, check_device, check_mhgd_widths, file_digest, load_data
+from actors.preflight import check_checkpoints, check_device, file_digest, load_data
 from actors.worker import build_batch_maker, build_batch_order, steps_per_epoch
 
 log = logging.getLogger("attention")
@@ -69,7 +70,7 @@ def run_attention(cfg: RunConfig, say=print) -> dict[int, dict[str, Any]]:
         def epoch_batches(epoch: int):
             plan = order.epoch_plan(epoch).to(device)
             for k in range(steps):
-                yield batches(order.batch(plan, k))[0]
+                yield batches.step(order, plan, k)[1]
 
         t0 = time.perf_counter()
         module, losses = train_attention(net, epoch_batches, epochs, lr, cfg.seed, log=say, device=device)

@@ -30,7 +30,7 @@ class SequentialGroup:
         self.cfg = cfg
         self.nodes: list[GraphNode] = self.worker.nodes
         self.steps_per_epoch = self.worker.steps_per_epoch
-        self._totals = [EpochTotals(len(n.edges), env.device) for n in self.nodes]
+        self._totals = [EpochTotals(len(n.edges), env.device, not self.worker.skip_nonfinite) for n in self.nodes]
         self._check = BatchCheck(1, env.device)
 
     @property
@@ -38,13 +38,12 @@ class SequentialGroup:
         return self.worker.step
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The run's batches, epoch after epoch, in the coordinator's order: (plan rows, x, y)."""
+        """The run's batches, epoch after epoch, in the order of the batch plan: (plan rows, x, y)."""
         w = self.worker
         for epoch in range(self.cfg.train.epochs):
             plan = w.order.epoch_plan(epoch).to(w.device)
             for k in range(self.steps_per_epoch):
-                rows = w.order.batch(plan, k)
-                yield (rows, *w.batches(rows))
+                yield w.batches.step(w.order, plan, k)
 
     def step(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
         self.worker.train_batch(rows, x, y, self._totals, self._check)

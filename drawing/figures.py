@@ -87,8 +87,12 @@ def _save(fig, stem: Path, formats: tuple[str, ...] = ("png", "svg"), dpi: int =
 # --- graphs -------------------------------------------------------------------------------------
 
 
-#: short names of the edge kinds on the drawn edges (docs/edge-kinds.md)
-KIND_SHORT = {"ce": "ce", "self": "self", "kl": "kl", "rkd_distance": "rd", "rkd_angle": "ra", "mhgd": "mhgd"}
+def kind_short(name: str) -> str:
+    """An edge kind's label on drawn edges (its ``EdgeKind.short``; its name if it has none)."""
+    from actors.kinds import kind_of
+
+    kind = kind_of(name)
+    return kind.short or kind.name
 
 
 def edge_text(graph: "GraphSpec", t: int, s: int) -> str:
@@ -96,7 +100,7 @@ def edge_text(graph: "GraphSpec", t: int, s: int) -> str:
     gate = graph.gates[t][s]
     if graph.kinds is None:
         return gate
-    return f"{gate}: " + "+".join(KIND_SHORT.get(k, k) for k in graph.edge_kinds(t, s))
+    return f"{gate}: " + "+".join(kind_short(k) for k in graph.edge_kinds(t, s))
 
 
 def _layout(m: int, half_width: float) -> tuple[float, list[tuple[float, float]], list[float]]:

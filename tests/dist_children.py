@@ -37,14 +37,14 @@ def drift_child(rank: int, world: int, port: int, cfg, results) -> None:
         env = init_distributed(rank, world, rank, f"tcp://127.0.0.1:{port}", "cpu", "gloo", 60)
         worker = NodeWorker(cfg, env, Exchange(env), data, None)
         if rank == 1:
-            make = worker.batches
+            make = worker.batches.step
 
-            def drifted(rows):
-                x, y = make(rows)
+            def drifted(order, plan, k):
+                rows, x, y = make(order, plan, k)
                 x[0, 0, 0, 0] = torch.nextafter(x[0, 0, 0, 0], torch.tensor(2.0))
-                return x, y
+                return rows, x, y
 
-            worker.batches = drifted
+            worker.batches.step = drifted
         try:
             worker.train_epoch(0)
             results.put((rank, "no error", worker.step))

@@ -53,3 +53,23 @@ def write_cifar(root, n_classes, n_train_per_file=6, n_test=5):
             pickle.dump({b"data": data, key: labels, b"batch_label": b"x"}, f)
         expected[name] = (data, labels)
     return expected
+
+
+def node_loss(node, logits, all_logits, labels, progress, own=None, received=None):
+    """``node.loss`` from plain tensors: the node's logits (with its other outputs ``own``),
+    every node's logits ``all_logits`` [M, B, C] and the sent tensors ``received``; returns
+    (total, per-edge terms, the whole ``NodeLoss``)."""
+    from actors.node import Delivered
+
+    result = node.loss({**(own or {}), "logits": logits}, Delivered(all_logits, received or {}), labels, progress)
+    return result.total, result.terms, result
+
+
+def make_node(index, graph, num_classes=3, in_channels=1, epochs=1, steps_per_epoch=10, optim=None):
+    """A GraphNode on the CPU with a constant learning rate (unit tests of its loss)."""
+    from actors.config import OptimConfig
+    from actors.node import GraphNode
+
+    return GraphNode(index, graph, num_classes=num_classes, in_channels=in_channels,
+                     optim=optim or OptimConfig(schedule="constant", milestones=[]), epochs=epochs,
+                     steps_per_epoch=steps_per_epoch)

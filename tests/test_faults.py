@@ -210,9 +210,11 @@ def test_skipped_steps_count_in_no_metric(one_thread):
         real_loss, calls = worker.node.loss, []
 
         def every_other_nan(*args, **kwargs):
-            total, terms = real_loss(*args, **kwargs)
+            result = real_loss(*args, **kwargs)
             calls.append(1)
-            return (total * float("nan"), terms * float("nan")) if len(calls) % 2 == 0 else (total, terms)
+            if len(calls) % 2 == 0:
+                result.total, result.terms = result.total * float("nan"), result.terms * float("nan")
+            return result
 
         worker.node.loss = every_other_nan
         [m] = [r.record() for r in worker.train_epoch(0)]

@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from actors.config import OptimConfig
 from actors.errors import ConfigError
 from actors.graph import GraphSpec
-from actors.node import GraphNode
+from tests.helpers import make_node, node_loss
 
 T, C = "Through", "Cutoff"
 
@@ -34,7 +33,8 @@ def test_valid_graph_and_its_structure():
         (dict(gates=((T, T), (C, C))), r"graph.nodes\[1\] \(resnet32\) is frozen .* needs graph.nodes\[1\].checkpoint"),
         (dict(reduction="max"), r"graph.reduction must be one of sum, mean; got 'max'"),
         (dict(temperature=0), r"graph.temperature must be a number > 0"),
-        (dict(loss="mse"), r"graph.loss: unknown edge loss 'mse'; known: kl"),
+        (dict(loss="mse"), r"graph.loss: unknown edge kind 'mse'; known cross-edge kinds: kl, rkd_distance, rkd_angle, mhgd"),
+            (dict(loss="ce"), r"graph.loss='ce' is a kind of the diagonal; it names the kind of every cross edge"),
         (dict(frozen_bn="fixed"), r"graph.frozen_bn must be one of eval, train; got 'fixed'"),
         (dict(progress="step"), r"graph.progress must be one of iteration, epoch; got 'step'"),
         (dict(skip_zero_loss="yes"), r"graph.skip_zero_loss must be true or false; got 'yes'"),
@@ -53,7 +53,7 @@ def test_from_dict_refuses_unknown_keys():
 
 def _node(gates, index=0, reduction="sum"):
     g = GraphSpec(nodes=[{"model": "convnet"}] * len(gates), gates=gates, reduction=reduction)
-    return GraphNode(index, g, 3, 1, OptimConfig(schedule="constant", milestones=[]), 1, 10, 0, torch.device("cpu"))
+    return make_node(index, g)
 
 
 def test_node_loss_sums_gated_edges():
@@ -65,7 +65,7 @@ def test_node_loss_sums_gated_edges():
     logits = torch.randn(4, 3, requires_grad=True)
     all_logits = torch.randn(3, 4, 3)
     y = torch.tensor([0, 1, 2, 1])
-    total, terms = node.loss(logits, all_logits, y, progress=0.5)
+    total, terms, _ = node_loss(node, logits, all_logits, y, 0.5)
     ce = label_loss(logits, y).mean()
     lin = kl_loss(logits, all_logits[1], temperature=1.0).mean() * 0.5
     mask = (all_logits[2].argmax(1) == y).float()
@@ -78,8 +78,8 @@ def test_node_loss_mean_reduction_averages_cross_edges():
     node_sum = _node([[T, T, T], [T, T, T], [T, T, T]])
     node_mean = _node([[T, T, T], [T, T, T], [T, T, T]], reduction="mean")
     logits, all_logits, y = torch.randn(4, 3), torch.randn(3, 4, 3), torch.tensor([0, 1, 2, 1])
-    s, terms = node_sum.loss(logits, all_logits, y, 0.3)
-    m, _ = node_mean.loss(logits, all_logits, y, 0.3)
+    s, terms, _ = node_loss(node_sum, logits, all_logits, y, 0.3)
+    m, _, _ = node_loss(node_mean, logits, all_logits, y, 0.3)
     assert torch.allclose(m, terms[0] + (terms[1] + terms[2]) / 2)
     assert torch.allclose(s, terms.sum())
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.config import OptimConfig, RunConfig
+from actors.config import RunConfig
 from actors.errors import ConfigError
 from actors.exchange import DistEnv, Exchange
 from actors.files import load_model_weights
@@ -32,7 +32,7 @@ from actors.preflight import check_checkpoints, load_data
 from actors.worker import NodeWorker
 from coordinator.rundir import changed_settings
 from coordinator.search_space import SearchConfig
-from tests.helpers import small_config
+from tests.helpers import make_node, node_loss, small_config
 
 T, C, L, K = "Through", "Cutoff", "Linear", "Correct"
 
@@ -159,7 +159,7 @@ def test_rkd_losses_are_invariant_to_scale_and_shift_as_relations():
 # --- the node's loss with kinds -------------------------------------------------------------------
 
 def kind_node(graph: GraphSpec, index: int = 0) -> GraphNode:
-    return GraphNode(index, graph, 3, 1, OptimConfig(schedule="constant", milestones=[]), 1, 10, 0, torch.device("cpu"))
+    return make_node(index, graph)
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_self_kind_is_ce_plus_weighted_t2_kl_from_the_frozen_stage1_copy(self_ck
     all_logits = torch.randn(2, 4, 3)
     self_logits = torch.randn(4, 3)
     y = torch.tensor([0, 1, 2, 1])
-    total, terms = node.loss(logits, all_logits, y, 0.5, own={"logits": logits, "self_logits": self_logits})
+    total, terms, _ = node_loss(node, logits, all_logits, y, 0.5, own={"self_logits": self_logits})
 
     z = logits.tolist()
     ce = sum(-math.log(softmax_row(row)[c]) for row, c in zip(z, y.tolist())) / 4
@@ -210,13 +210,14 @@ def test_self_teacher_is_the_checkpoint_frozen_in_eval_mode_and_draws_no_randomn
     ref.eval()
     x = torch.randn(5, 1, 8, 8)
     out = node.outputs(x)
-    assert node.model.training and not node.self_teacher.training
+    teacher = node.kind("self").teacher
+    assert node.model.training and not teacher.training
     assert torch.allclose(out["self_logits"], ref(x), atol=1e-6)
     assert not out["self_logits"].requires_grad
-    before = {k: v.clone() for k, v in node.self_teacher.state_dict().items()}
-    loss, _ = node.loss(out["logits"], out["logits"].detach()[None], torch.tensor([0, 1, 2, 0, 1]), 1.0, own=out)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    _, _, loss = node_loss(node, out["logits"], out["logits"].detach()[None], torch.tensor([0, 1, 2, 0, 1]), 1.0, own=out)
     node.update(loss)
-    assert all(torch.equal(v, before[k]) for k, v in node.self_teacher.state_dict().items())  # never trained
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # never trained
 
 
 def test_pairwise_kinds_in_the_node_loss_are_gated_and_weighted(self_ckpt):
@@ -227,7 +228,7 @@ def test_pairwise_kinds_in_the_node_loss_are_gated_and_weighted(self_ckpt):
                   kinds=[["ce", "kl+rkd_distance+rkd_angle", "rkd_angle"], ["kl", "ce", "kl"], ["kl", "kl", "ce"]])
     assert g.kind_weight("rkd_distance") == 1.0 and g.kind_weight("rkd_angle") == 2.0 and g.kind_weight("kl") == 1.0
     node = kind_node(g)
-    assert node.needs_embedding
+    assert "embedding" in node.model_outputs
     torch.manual_seed(1)
     logits = torch.randn(4, 3, requires_grad=True)
     all_logits = torch.randn(3, 4, 3)
@@ -235,7 +236,7 @@ def test_pairwise_kinds_in_the_node_loss_are_gated_and_weighted(self_ckpt):
     y[1] = (y[1] + 1) % 3                     # source 1 gets sample 1 wrong: Correct keeps 0, 2, 3
     emb = S_EMB.clone().requires_grad_()
     received = {"embedding": [None, T_EMB, T_EMB[[3, 2, 1, 0]]]}
-    total, terms = node.loss(logits, all_logits, y, 0.25, own={"logits": logits, "embedding": emb}, received=received)
+    total, terms, _ = node_loss(node, logits, all_logits, y, 0.25, own={"embedding": emb}, received=received)
 
     kept = [0, 2, 3]
     mask = [1.0, 0.0, 1.0, 1.0]
@@ -352,6 +353,8 @@ def test_clip_ramp_is_the_sigmoid_of_the_epoch_and_reaches_1():
 
 def test_clipped_backward_adds_the_distillation_gradient_clipped_to_the_task_gradient():
     """Per parameter tensor: task grad + clip_by_norm(mhgd grad, ||task grad|| * clip_ramp(epoch))."""
+    from actors.edge_kinds import MHGD
+
     node = kind_node(GraphSpec(nodes=["convnet"], gates=[[T]]))
     params = [p for p in node.model.parameters()]
     torch.manual_seed(4)
@@ -362,10 +365,9 @@ def test_clipped_backward_adds_the_distillation_gradient_clipped_to_the_task_gra
     no_dist, no_task = 2, 3                           # p2 has no mhgd gradient, p3 no task gradient
 
     def run(epoch):
-        node.scheduler.last_epoch = epoch * node.steps_per_epoch
         task = sum((ai * p).sum() for i, (ai, p) in enumerate(zip(a, params)) if i != no_task)
         transfer = sum((di * p).sum() for i, (di, p) in enumerate(zip(d, params)) if i != no_dist)
-        node._clipped_backward(task, transfer)
+        MHGD.backward(None, params, task, transfer, epoch)
         return [p.grad.clone() for p in params]
 
     for epoch, ramp in ((0, 0.5), (1, 1 / (1 + math.exp(-1))), (30, 1.0)):
@@ -389,7 +391,7 @@ def two(kinds=None, nodes=("convnet", "convnet"), gates=((T, T), (T, T)), **kw):
 
 FROZEN = {"model": "resnet20", "checkpoint": "t.pt", "attention": "a.pt"}
 CROSS = "kl, rkd_distance, rkd_angle, mhgd"
-ALL = "ce, self, kl, rkd_distance, rkd_angle, mhgd"
+ALL = "ce, self, kl, rkd_distance, rkd_angle, mhgd, or an import path package.module:Class"
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -729,11 +731,11 @@ def test_the_clip_treats_apart_exactly_the_mhgd_share_of_the_loss_under_mean_red
         all_logits = torch.stack([o["logits"].detach() for o in outs])  # what one process's exchange returns
         received = {"features": [None, None, outs[2]["features"]]}
         node = w.nodes[0]
-        loss, terms = node.loss(outs[0]["logits"], all_logits, y, 0.5, own=outs[0], received=received)
+        loss, terms, parts_of = node_loss(node, outs[0]["logits"], all_logits, y, 0.5, own=outs[0], received=received)
         ce, kl, mhgd = terms.tolist()
         assert math.isclose(loss.item(), ce + (kl + mhgd) / (2 if reduction == "mean" else 1), rel_tol=1e-5)
-        assert math.isclose(node._transfer.item(), mhgd / (2 if reduction == "mean" else 1), rel_tol=1e-5)
-        assert math.isclose(node._task.item(), ce + kl / (2 if reduction == "mean" else 1), rel_tol=1e-5)
+        assert math.isclose(parts_of.apart.item(), mhgd / (2 if reduction == "mean" else 1), rel_tol=1e-5)
+        assert math.isclose(parts_of.task.item(), ce + kl / (2 if reduction == "mean" else 1), rel_tol=1e-5)
         parts[reduction] = mhgd
     assert parts["sum"] == pytest.approx(parts["mean"]) and parts["sum"] > 0
 

@@ -126,7 +126,7 @@ def test_a_restored_node_follows_the_schedule_of_its_own_total(schedule):
 
     optim = {"lr": 0.05, "schedule": schedule, "milestones": [2], "warmup_epochs": 0}
     short, long = (small_config(["convnet"], [[T]], optim=optim, train={"epochs": e}) for e in (3, 5))
-    build = lambda c: GraphNode(0, c.graph, 10, 1, c.optim, c.train.epochs, 4, 0, torch.device("cpu"))  # noqa: E731
+    build = lambda c: GraphNode(0, c.graph, num_classes=10, in_channels=1, optim=c.optim, epochs=c.train.epochs, steps_per_epoch=4)  # noqa: E731
     a, fresh = build(short), build(long)
     for _ in range(12):
         a.skip_update()

@@ -1,0 +1,89 @@
+"""A new edge kind is one class: declared, registered and trained here, in the test, without
+touching the node, the worker or the preflight."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.errors import ConfigError
+from actors.files import load_model_weights
+from actors.graph import GraphSpec
+from actors.kinds import EdgeBatch, EdgeKind, kind_of
+from actors.preflight import load_data
+from tests.helpers import make_node, node_loss, small_config
+
+T = "Through"
+PATH = "tests.test_kind_plugin:L2Logits"
+
+
+class L2Logits(EdgeKind):
+    """A toy kind: the squared distance of the receiver's logits from each source's, per sample."""
+
+    name, sends, weight, searchable, short = "l2_logits", "logits", 0.5, True, "l2"
+
+    def loss(self, batch: EdgeBatch) -> torch.Tensor:
+        return (batch.own["logits"] - batch.source_logits).pow(2).sum(dim=-1)  # [S, B]
+
+
+class Embedding(EdgeKind):
+    """A toy relation kind reading the source's embedding: its mean squared distance, one number per edge."""
+
+    name, sends, uses, per_sample = "l2_embedding_mean", "embedding", ("embedding",), False
+
+    def loss(self, batch: EdgeBatch) -> torch.Tensor:
+        own = batch.own["embedding"]
+        d = [min(own.shape[1], e.shape[1]) for e in batch.sent]
+        return torch.stack([(own[:, :n] - e[:, :n]).pow(2).mean() for n, e in zip(d, batch.sent)])
+
+
+@pytest.mark.unit
+def test_an_import_path_names_the_kind_and_its_declarations_are_asked():
+    g = GraphSpec(nodes=["convnet", "convnet"], gates=[[T, T], [T, T]], kinds=PATH)
+    assert kind_of(PATH) is L2Logits and kind_of("l2_logits") is L2Logits  # registered on first use
+    assert g.edge_kinds(0, 1) == (PATH,) and g.kind_weight(PATH) == 0.5 and g.kind_weight("l2_logits") == 0.5
+    assert g.senders("embedding") == []
+    node = make_node(0, g)
+    assert node.model_outputs == set()  # it needs the logits only
+    torch.manual_seed(0)
+    logits, all_logits, y = torch.randn(4, 3, requires_grad=True), torch.randn(2, 4, 3), torch.tensor([0, 1, 2, 0])
+    total, terms, _ = node_loss(node, logits, all_logits, y, 0.5)
+    l2 = 0.5 * (logits - all_logits[1]).pow(2).sum(1).mean()
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    assert torch.allclose(terms, torch.stack([ce, l2]).detach()) and torch.allclose(total, ce + l2)
+
+
+@pytest.mark.unit
+def test_a_bad_import_path_or_a_non_kind_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match=r"graph.kinds\[0\]\[1\] \(edge 1 -> 0\): edge kind 'tests.nowhere:K': cannot import K from "
+                                          r"tests.nowhere \(ModuleNotFoundError"):
+        GraphSpec(nodes=["convnet", "convnet"], gates=[[T, T], [T, T]], kinds=[["ce", "tests.nowhere:K"], ["kl", "ce"]])
+    with pytest.raises(ConfigError, match=r"graph.kinds: edge kind 'tests.test_kind_plugin:PATH' is not a named EdgeKind subclass"):
+        GraphSpec(nodes=["convnet", "convnet"], gates=[[T, T], [T, T]], kinds="tests.test_kind_plugin:PATH")
+    with pytest.raises(ConfigError, match=r"graph.kinds\[0\]\[0\] \(node 0's own edge\): tests.test_kind_plugin:L2Logits cannot be on "
+                                          r"the diagonal \(a node's own edge\); allowed there: ce, self"):
+        GraphSpec(nodes=["convnet", "convnet"], gates=[[T, T], [T, T]], kinds=[[f"ce+{PATH}", "kl"], ["kl", "ce"]])
+
+
+@pytest.mark.process
+def test_a_group_trained_with_a_kind_registered_here_equals_the_single_process_reference(tmp_path, one_thread):
+    """Two processes; node 0 learns node 1 through kl + the toy kind on a Correct edge, node 1
+    learns node 0 through the toy relation kind (the embedding crosses for it)."""
+    from coordinator.local import run_local
+    from coordinator.sequential import train_sequential
+
+    nodes, gates = ["convnet", "resnet20"], [[T, "Correct"], ["Linear", T]]
+    kinds = [["ce", f"kl+{PATH}"], ["tests.test_kind_plugin:Embedding", "ce"]]
+    cfg = small_config(nodes, gates, graph={"name": "plugin", "nodes": nodes, "gates": gates, "kinds": kinds},
+                       train={"epochs": 2, "batch_size": 16, "num_threads": 1, "max_steps_per_epoch": 3})
+    assert cfg.graph.senders("embedding") == [0]
+    ref = train_sequential(cfg, load_data(cfg))
+    run_local(cfg, tmp_path / "p2", timeout_s=300, processes=2)
+    for i, node in enumerate(ref):
+        got, _ = load_model_weights(Path(tmp_path / "p2") / f"node{i}.pt")
+        want = node.model.state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), f"node {i} differs"
+    untouched = [make_node(i, cfg.graph, num_classes=10).model.state_dict() for i in range(2)]
+    assert all(not torch.equal(untouched[i][k], ref[i].model.state_dict()[k]) for i in range(2)
+               for k in list(untouched[i])[:1])  # both learned
