@@ -164,58 +164,11 @@ def init_distributed(
     diagnosis_s = diagnosis_window(timeout_s)
     collective_s = timeout_s - diagnosis_s if timeout_s >= 2 * diagnosis_s else timeout_s
     timeout = datetime.timedelta(seconds=collective_s)
-    rdv_s = timeout_s if rendezvous_timeout_s is None else rendezvous_timeout_s
-    t0 = time.monotonic()
-
-    def not_formed(e: BaseException | None, missing: list[int] | None = None) -> BaseException:
-        if e is not None and time.monotonic() - t0 < 0.9 * rdv_s:
-            return e  # not a timeout: raised as it is
-        whom = f" for {_who(missing)}, which never checked in" if missing else ""
-        return RendezvousTimeoutError(
-            f"the process group did not form within {rdv_s:g} s: rank {rank} of {world_size} waited at "
-            f"{_where(init_method)}{whom}; are all {world_size} processes started, and is that address "
-            "reachable from each?")
-
-    def rendezvous() -> Any:
-        return next(dist.rendezvous(init_method, rank, world_size, timeout=datetime.timedelta(seconds=rdv_s)))
-
-    if _store_host(init_method) == rank:
-        # This process serves the store: waiting for the clients, it keeps to the timeout
-        # (and a thread left inside the server's start would abort the process at exit).
-        try:
-            got = rendezvous()
-        except RuntimeError as e:
-            got = e
-    else:
-        # A client, bounded in a thread: with no server there it retries past its timeout
-        # (about 2.5 times it); with the server's process stopped it may wait for good.
-        got = _bounded(rendezvous, rdv_s + 0.5)
-    if got is _NO_ANSWER:
-        raise not_formed(None)
-    if isinstance(got, BaseException):  # DistStoreError (rank 0 waited for clients), DistNetworkError, ...
-        raise not_formed(got) from got
-    store, rank, world_size = got
-    # Under torchrun the store outlives a restart of the workers (--max-restarts): keys of
-    # the failed attempt (e.g. gloo's peer addresses) would be read by the new one and its
-    # connections refused. A prefix per attempt keeps each attempt's keys apart.
-    store = dist.PrefixStore(f"ktg/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
-    # Check in (the first heartbeat) and wait, bounded, for every rank to: then the backend's
-    # own connecting (bounded by the collective timeout only) finds every peer there.
+    forming = _Forming(rank, world_size, init_method, timeout_s if rendezvous_timeout_s is None else rendezvous_timeout_s)
+    store, rank, world_size = _reach_store(forming)
+    store = _attempt_store(store)
     beats = [_beat_key(r) for r in range(world_size)]
-    left_s = max(rdv_s - (time.monotonic() - t0), 0.1)
-
-    def check_in() -> None:
-        store.add(beats[rank], 1)
-        store.wait(beats, datetime.timedelta(seconds=left_s))
-
-    got = _bounded(check_in, left_s + STORE_ANSWER_S)  # the store's process may be stopped
-    if got is _NO_ANSWER:
-        raise not_formed(None)
-    if isinstance(got, BaseException):
-        def absent() -> list[int]:
-            return [r for r in range(world_size) if not store.check([beats[r]])]
-        missing = _bounded(absent, STORE_ANSWER_S)
-        raise not_formed(got, missing if isinstance(missing, list) else None) from got
+    _check_in(forming, store, beats, rank)
     store.set_timeout(timeout)
     # watched collectives: the backend's own timeout is only a backstop beyond the monitor's
     pg_timeout = datetime.timedelta(seconds=nccl_timeout(timeout_s)) if watched else timeout
@@ -230,6 +183,83 @@ def init_distributed(
         if watched:
             env = _start_monitor(env)
     return env
+
+
+@dataclass
+class _Forming:
+    """One rank forming its group (``init_distributed``): the bound ``timeout_s`` on reaching
+    the store and checking in, counted from ``t0``, and what it says when that fails."""
+    rank: int
+    world_size: int
+    init_method: str
+    timeout_s: float
+    t0: float = field(default_factory=time.monotonic)
+
+    def left_s(self) -> float:
+        return max(self.timeout_s - (time.monotonic() - self.t0), 0.1)
+
+    def not_formed(self, e: BaseException | None, missing: list[int] | None = None) -> BaseException:
+        """The error to raise: ``e`` as it is when it is not a timeout (e.g. the port is
+        taken), else a one-line ``RendezvousTimeoutError`` naming the ranks ``missing``."""
+        if e is not None and time.monotonic() - self.t0 < 0.9 * self.timeout_s:
+            return e  # not a timeout: raised as it is
+        whom = f" for {_who(missing)}, which never checked in" if missing else ""
+        return RendezvousTimeoutError(
+            f"the process group did not form within {self.timeout_s:g} s: rank {self.rank} of {self.world_size} waited at "
+            f"{_where(self.init_method)}{whom}; are all {self.world_size} processes started, and is that address "
+            "reachable from each?")
+
+
+def _reach_store(forming: _Forming) -> tuple[Any, int, int]:
+    """The group's store, and this rank and the world size as the rendezvous returns them
+    (kept in ``forming`` too: its later messages name them)."""
+    def rendezvous() -> Any:
+        return next(dist.rendezvous(forming.init_method, forming.rank, forming.world_size,
+                                    timeout=datetime.timedelta(seconds=forming.timeout_s)))
+
+    if _store_host(forming.init_method) == forming.rank:
+        # This process serves the store: waiting for the clients, it keeps to the timeout
+        # (and a thread left inside the server's start would abort the process at exit).
+        try:
+            got = rendezvous()
+        except RuntimeError as e:
+            got = e
+    else:
+        # A client, bounded in a thread: with no server there it retries past its timeout
+        # (about 2.5 times it); with the server's process stopped it may wait for good.
+        got = _bounded(rendezvous, forming.timeout_s + 0.5)
+    if got is _NO_ANSWER:
+        raise forming.not_formed(None)
+    if isinstance(got, BaseException):  # DistStoreError (rank 0 waited for clients), DistNetworkError, ...
+        raise forming.not_formed(got) from got
+    store, forming.rank, forming.world_size = got
+    return got
+
+
+def _attempt_store(store: Any) -> Any:
+    """Under torchrun the store outlives a restart of the workers (--max-restarts): keys of
+    the failed attempt (e.g. gloo's peer addresses) would be read by the new one and its
+    connections refused. A prefix per attempt keeps each attempt's keys apart."""
+    return dist.PrefixStore(f"ktg/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+
+def _check_in(forming: _Forming, store: Any, beats: list[str], rank: int) -> None:
+    """Check in (the first heartbeat) and wait, bounded, for every rank to: then the backend's
+    own connecting (bounded by the collective timeout only) finds every peer there."""
+    left_s = forming.left_s()
+
+    def check_in() -> None:
+        store.add(beats[rank], 1)
+        store.wait(beats, datetime.timedelta(seconds=left_s))
+
+    got = _bounded(check_in, left_s + STORE_ANSWER_S)  # the store's process may be stopped
+    if got is _NO_ANSWER:
+        raise forming.not_formed(None)
+    if isinstance(got, BaseException):
+        def absent() -> list[int]:
+            return [r for r in range(len(beats)) if not store.check([beats[r]])]
+        missing = _bounded(absent, STORE_ANSWER_S)
+        raise forming.not_formed(got, missing if isinstance(missing, list) else None) from got
 
 
 def nccl_timeout(timeout_s: float) -> float:
