@@ -6,7 +6,7 @@ node t's loss::
     G(l) = (1/B) * sum_n w_n * l_n
 
 with the weight ``w_n`` of the table below. ``progress`` is where training stands, from
-``gate_progress`` (the one place both the workers and the single-process reference get
+``gate_clock`` (the one place both the workers and the single-process reference get
 it from): by default ``k / k_end`` with k the 1-based global training iteration and k_end
 the total number of iterations (DCL); with ``graph.progress=epoch``, ``e / (E - 1)`` with e
 the 0-based epoch and E the number of epochs (the reimplementation: 0 through all of
@@ -81,11 +81,11 @@ GATES: Registry[Gate] = Registry("gate")
 #: The gates the paper searches over (ASHA's choices per edge).
 PAPER_GATES = ("Through", "Cutoff", "Linear", "Correct")
 
-#: How ``progress`` is counted (``graph.progress``).
-PROGRESS_MODES = ("iteration", "epoch")
+#: How the gates' clock, ``progress``, is counted (the config key ``graph.progress``).
+GATE_CLOCKS = ("iteration", "epoch")
 
 
-def gate_progress(step: int, steps_per_epoch: int, total_steps: int, mode: str = "iteration") -> float:
+def gate_clock(step: int, steps_per_epoch: int, total_steps: int, mode: str = "iteration") -> float:
     """The ``progress`` the gates see at the 1-based global step ``step``.
 
     ``iteration`` (DCL): ``step / total_steps``, exactly as a Python float.
@@ -101,7 +101,7 @@ def gate_progress(step: int, steps_per_epoch: int, total_steps: int, mode: str =
         if epochs <= 1:
             return 1.0
         return min((step - 1) // steps_per_epoch, epochs - 1) / (epochs - 1)
-    raise ValueError(f"gate progress mode must be one of {', '.join(PROGRESS_MODES)}; got {mode!r}")
+    raise ValueError(f"the gate clock (graph.progress) must be one of {', '.join(GATE_CLOCKS)}; got {mode!r}")
 
 
 class Through(Gate):

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from actors.edge_kinds import MHGD_DEFAULTS, parse_mhgd
 from actors.errors import ConfigError
-from actors.gates import GATES, PROGRESS_MODES, is_cutoff
+from actors.gates import GATE_CLOCKS, GATES, is_cutoff
 from actors.kinds import check_kinds, default_kinds, format_entry, kind_of, parse_default_cross, parse_kind_weights, parse_kinds
 from actors.models import MODELS
 
@@ -71,7 +71,7 @@ class GraphSpec:
     progress: str = "iteration"
     """How Linear/NegativeLinear count training progress: ``iteration`` (k / k_end, k the
     1-based global iteration; DCL) or ``epoch`` (e / (E - 1), e the 0-based epoch; the
-    reimplementation). See ``actors.gates.gate_progress``."""
+    reimplementation). See ``actors.gates.gate_clock``."""
     skip_zero_loss: bool = False
     """Skip a node's optimiser step (no weight decay, no momentum) when its whole loss is
     exactly 0, as both reference codes do; the learning-rate schedule still advances."""
@@ -177,8 +177,8 @@ class GraphSpec:
             raise ConfigError(f"graph.reduction must be one of {', '.join(REDUCTIONS)}; got {self.reduction!r}")
         if self.frozen_bn not in FROZEN_BN:
             raise ConfigError(f"graph.frozen_bn must be one of {', '.join(FROZEN_BN)}; got {self.frozen_bn!r}")
-        if self.progress not in PROGRESS_MODES:
-            raise ConfigError(f"graph.progress must be one of {', '.join(PROGRESS_MODES)}; got {self.progress!r}")
+        if self.progress not in GATE_CLOCKS:
+            raise ConfigError(f"graph.progress must be one of {', '.join(GATE_CLOCKS)}; got {self.progress!r}")
         if not isinstance(self.skip_zero_loss, bool):
             raise ConfigError(f"graph.skip_zero_loss must be true or false; got {self.skip_zero_loss!r}")
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:

@@ -19,7 +19,7 @@ import torch
 
 from actors.config import OptimConfig
 from actors.files import load_model_weights
-from actors.gates import GATES, Gate, gate_progress
+from actors.gates import GATES, Gate, gate_clock
 from actors.graph import GraphSpec
 from actors.kinds import SENDABLES, EdgeBatch, EdgeKind, Receiver, kind_of, order_key
 from actors.models import build_model
@@ -153,7 +153,7 @@ class GraphNode:
         self.frozen = graph.is_frozen(index)
         self.frozen_bn = graph.frozen_bn
         self.skip_zero_loss = graph.skip_zero_loss
-        self.progress_mode = graph.progress
+        self.clock = graph.progress  # how the gates count progress (iteration or epoch)
         self.reduction = graph.reduction
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = epochs * steps_per_epoch
@@ -252,10 +252,10 @@ class GraphNode:
 
     # --- the forward --------------------------------------------------------------------------
 
-    def progress(self, step: int) -> float:
-        """What the gates see at the 1-based global step ``step`` (``gate_progress``): the
+    def gate_clock(self, step: int) -> float:
+        """What the gates see at the 1-based global step ``step`` (``gate_clock``): the
         workers and the single-process reference both ask here."""
-        return gate_progress(step, self.steps_per_epoch, self.total_steps, self.progress_mode)
+        return gate_clock(step, self.steps_per_epoch, self.total_steps, self.clock)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits in float32 (the forward itself runs under bf16 autocast when asked)."""
@@ -338,7 +338,7 @@ class GraphNode:
         benchmark's step timer."""
         if self.frozen:
             return None
-        result = self.loss(own, delivered, labels, self.progress(step))
+        result = self.loss(own, delivered, labels, self.gate_clock(step))
         if mark is not None:
             mark("loss")
         if skip_nonfinite and not torch.isfinite(result.total).item():

@@ -5,8 +5,8 @@
                      the checkpoint -> (last epoch) final states + summary -> report
 
 Only the reporting differs: a torchrun run reports nothing beyond its record, a search
-trial reports to Tune (``coordinator.search.GraphTrial``: one ``EpochDriver.next`` per Tune
-step). The group is this rank's view of a torchrun group (``coordinator.run.TorchrunGroup``)
+trial reports to Tune (``coordinator.search_trial.GraphTrial``: one ``EpochDriver.next`` per
+Tune step). The group is this rank's share of a process group (``coordinator.run.RunRank``)
 or a trial's Ray actors (``coordinator.group.ActorGroup``).
 """
 from __future__ import annotations

@@ -33,9 +33,10 @@ def placement_text(cfg: RunConfig, data, placement: list[list[int]]) -> str:
     return describe_placement(placement, costs, models)
 
 
-class TorchrunGroup:
-    """One rank's view of its torchrun group: its own node, every node's metrics on rank 0
-    (gathered), and rank 0 committing the group checkpoints in the run directory."""
+class RunRank:
+    """One rank's share of a run in a process group (started by torchrun, ``run_local`` or a
+    plain ``python launch.py``): its worker, every node's metrics gathered on rank 0, and rank
+    0 committing the group checkpoints in the run directory."""
 
     def __init__(self, worker: NodeWorker, run_dir: RunDir, keep_checkpoints: int):
         self.worker, self.run_dir, self.keep = worker, run_dir, keep_checkpoints
@@ -96,7 +97,7 @@ def run_node(cfg: RunConfig, run_dir: str | Path, rank: int, world_size: int, lo
                 if start.epoch:
                     log.info(f"resuming from the group checkpoint of epoch {start.epoch} in {rd.path / 'checkpoints'}")
                 recorder = RunRecorder(cfg, rd, config_dict or cfg.to_dict(), history=start.history)
-            group = TorchrunGroup(worker, rd, cfg.train.keep_checkpoints)
+            group = RunRank(worker, rd, cfg.train.keep_checkpoints)
             summary = drive_epochs(group, start.epoch, cfg.train.epochs, cfg.train.checkpoint_every, recorder)
             exchange.barrier()
             return summary

@@ -20,9 +20,10 @@ from actors.node import GraphNode
 from actors.worker import BatchCheck, EpochTotals, NodeWorker
 
 
-class SequentialGroup:
-    """Every node of ``cfg.graph`` in this process; ``step(rows, x, y)`` is one training step
-    of the whole graph, on a batch of ``batches()``."""
+class ReferenceTrainer:
+    """The single-process reference: every node of ``cfg.graph`` in this process (a worker at
+    P = 1); ``step(rows, x, y)`` is one training step of the whole graph, on a batch of
+    ``batches()``."""
 
     def __init__(self, cfg: RunConfig, data: Dataset, device: torch.device = torch.device("cpu")):
         env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(device), backend="none")
@@ -53,7 +54,7 @@ def train_sequential(cfg: RunConfig, data: Dataset, max_steps: Optional[int] = N
                      device: torch.device = torch.device("cpu")) -> list[GraphNode]:
     """Train every node of ``cfg.graph`` for ``cfg.train.epochs`` epochs (or ``max_steps``
     steps) in this process; returns the nodes."""
-    group = SequentialGroup(cfg, data, device)
+    group = ReferenceTrainer(cfg, data, device)
     for batch in group.batches():
         if max_steps is not None and group.step_count >= max_steps:
             break

@@ -60,7 +60,7 @@ from actors.data import load_dataset  # noqa: E402
 from actors.exchange import Exchange, free_port, init_distributed, shutdown  # noqa: E402
 from actors.timing import PARTS, StepTimer  # noqa: E402
 from actors.worker import NodeWorker  # noqa: E402
-from coordinator.sequential import SequentialGroup  # noqa: E402
+from coordinator.sequential import ReferenceTrainer  # noqa: E402
 
 
 def make_config(models: list[str], batch_size: int, steps: int, device: str,
@@ -178,7 +178,7 @@ def sequential_step_time(models: list[str], batch: int, steps: int, pin: bool, t
         _pin(ALLOWED[0])
     cfg, spe = make_config(models, batch, steps, device)
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-    group = SequentialGroup(cfg, load_dataset("digits", val_fraction=0.0), dev)
+    group = ReferenceTrainer(cfg, load_dataset("digits", val_fraction=0.0), dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     it = group.batches()
     for _ in range(spe):  # warm-up

@@ -324,7 +324,7 @@ def check_syncs(m: Machine) -> tuple[bool, str]:
     from actors.data import load_dataset
     from actors.mhgd import AttentionModule, save_attention
     from actors.models import build_model
-    from coordinator.sequential import SequentialGroup
+    from coordinator.sequential import ReferenceTrainer
 
     tmp = Path(tempfile.mkdtemp(prefix="sync-", dir=m.out))
     torch.manual_seed(0)
@@ -340,7 +340,7 @@ def check_syncs(m: Machine) -> tuple[bool, str]:
                                "train": {"epochs": 1, "batch_size": 64, "num_threads": 1}, "logger": {"backend": "none"},
                                "device": m.device})
     dev = torch.device("cuda", 0) if not m.dry else torch.device("cpu")
-    group = SequentialGroup(cfg, load_dataset("digits", val_fraction=0.15), dev)
+    group = ReferenceTrainer(cfg, load_dataset("digits", val_fraction=0.15), dev)
     batches = group.batches()
     for _ in range(2):  # warm up: lazy initialisation, cuDNN's autotuning, the epoch plan's copy
         group.step(*next(batches))

@@ -18,6 +18,17 @@ T = "Through"
 PATH = "tests.test_kind_plugin:L2Logits"
 
 
+@pytest.fixture(autouse=True)
+def registry_as_it_was():
+    """The kinds these tests register leave with them (other tests' messages list the known kinds)."""
+    from actors import kinds
+
+    saved = dict(kinds.KINDS._items), dict(kinds.KINDS._canonical), list(kinds._ORDER)
+    yield
+    kinds.KINDS._items, kinds.KINDS._canonical = saved[0], saved[1]
+    kinds._ORDER[:] = saved[2]
+
+
 class L2Logits(EdgeKind):
     """A toy kind: the squared distance of the receiver's logits from each source's, per sample."""
 

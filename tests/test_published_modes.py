@@ -13,12 +13,12 @@ import torch
 
 from actors.data import augment
 from actors.files import load_model_weights
-from actors.gates import gate_progress
+from actors.gates import gate_clock
 from actors.models import build_model
 from actors.node import LrSchedule
 from actors.preflight import load_data
 from coordinator.local import run_local
-from coordinator.sequential import SequentialGroup, train_sequential
+from coordinator.sequential import ReferenceTrainer, train_sequential
 from tests.helpers import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,17 +46,17 @@ def kd_config(teacher: Path, epochs: int, frozen_bn: str = "train", **overrides)
 # --- gate progress ----------------------------------------------------------------------------------
 
 def test_iteration_progress_is_k_over_k_end_exactly():
-    assert [gate_progress(k, 10, 30) for k in (1, 15, 30)] == [1 / 30, 15 / 30, 1.0]
+    assert [gate_clock(k, 10, 30) for k in (1, 15, 30)] == [1 / 30, 15 / 30, 1.0]
 
 
 def test_epoch_counted_linear_is_0_through_epoch_1_and_1_in_the_last_epoch():
     spe, epochs = 7, 5
     total = spe * epochs
-    p = [gate_progress(k, spe, total, "epoch") for k in range(1, total + 1)]
+    p = [gate_clock(k, spe, total, "epoch") for k in range(1, total + 1)]
     assert p[:spe] == [0.0] * spe                       # all of epoch 1
     assert p[-spe:] == [1.0] * spe                      # all of the last epoch
     assert p[spe:2 * spe] == [0.25] * spe               # e / (E - 1), e 0-based
-    assert gate_progress(3, 3, 3, "epoch") == 1.0       # one epoch: it is the last
+    assert gate_clock(3, 3, 3, "epoch") == 1.0       # one epoch: it is the last
 
 
 def test_epoch_counted_gates_in_a_run(tmp_path, one_thread):
@@ -104,7 +104,7 @@ def test_group_equals_reference_with_train_mode_teacher_epoch_gates_and_zero_los
             assert torch.equal(got[k], want[k]), f"node {i} {k} differs"
 
     # epoch 1 alone: node 0's loss is exactly 0 at every step, so its weights stay the initial ones
-    group = SequentialGroup(cfg, load_data(cfg))
+    group = ReferenceTrainer(cfg, load_data(cfg))
     init = {k: v.clone() for k, v in group.nodes[0].model.state_dict().items()}
     batches = group.batches()
     for _ in range(group.steps_per_epoch):
@@ -115,7 +115,7 @@ def test_group_equals_reference_with_train_mode_teacher_epoch_gates_and_zero_los
     assert group.nodes[0].scheduler.last_epoch == group.steps_per_epoch  # the schedule still advanced
     # without the skip, weight decay alone moves the weights of the zero-loss steps
     cfg.graph.skip_zero_loss = False
-    group = SequentialGroup(cfg, load_data(cfg))
+    group = ReferenceTrainer(cfg, load_data(cfg))
     batches = group.batches()
     for _ in range(group.steps_per_epoch):
         group.step(*next(batches))
