@@ -30,10 +30,14 @@ def kl_loss(target_logits: torch.Tensor, source_logits: torch.Tensor, *, tempera
     ``target_logits`` [B, C]; ``source_logits`` [B, C] (-> [B]) or several sources stacked,
     [S, B, C] (-> [S, B]: the target's softmax computed once, each row as it is alone)."""
     t = float(temperature)
-    log_p_s = F.log_softmax(source_logits.detach().float() / t, dim=-1)
-    log_p_t = F.log_softmax(target_logits.float() / t, dim=-1)
-    if log_p_s.dim() > log_p_t.dim():
-        log_p_t = log_p_t.expand_as(log_p_s)
+    source = source_logits.detach().float()
+    target = target_logits.float()
+    if source.dim() > target.dim():
+        # the target's logits repeated per source *before* its softmax: each row's forward and
+        # backward are then exactly those of one edge alone, and the S gradients meet in one sum
+        target = target.expand_as(source)
+    log_p_s = F.log_softmax(source / t, dim=-1)
+    log_p_t = F.log_softmax(target / t, dim=-1)
     return F.kl_div(log_p_t, log_p_s, reduction="none", log_target=True).sum(dim=-1) * (t * t)
 
 
