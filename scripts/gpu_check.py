@@ -95,8 +95,10 @@ def torchrun(m: Machine, nproc: int, overrides: list[str], log: Path, timeout_s:
 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    from actors.metrics import read_metrics_file
+
     summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows, _ = read_metrics_file(run_dir / "metrics.jsonl")
     return summary, rows
 
 
