@@ -82,3 +82,20 @@ def test_kl_gives_no_gradient_to_source():
 def test_kl_is_zero_for_identical_outputs():
     z = torch.randn(3, 7)
     assert torch.allclose(kl_loss(z, z, temperature=3.0), torch.zeros(3), atol=1e-6)
+
+
+def test_kl_over_stacked_sources_is_each_edge_alone_bitwise():
+    """kl of several sources at once ([S, B, C]) is, row for row, the kl of each edge alone, and
+    with two sources its gradient is bitwise the per-edge one (each row's softmax backward is
+    its own; two gradients sum the same in either order): what keeps 2- and 3-node graphs
+    training bitwise as they did when each edge was computed apart."""
+    torch.manual_seed(0)
+    z = torch.randn(16, 10, requires_grad=True)
+    sources = torch.randn(3, 16, 10)
+    both = kl_loss(z, sources, temperature=2.0)
+    alone = torch.stack([kl_loss(z, s, temperature=2.0) for s in sources])
+    assert both.shape == (3, 16) and torch.equal(both, alone)
+    (g_batched,) = torch.autograd.grad(kl_loss(z, sources[:2], temperature=2.0).mean(dim=-1).sum(), z)
+    per_edge = [kl_loss(z, s, temperature=2.0).mean() for s in sources[:2]]
+    (g_edges,) = torch.autograd.grad(per_edge[0] + per_edge[1], z)
+    assert torch.equal(g_batched, g_edges)
