@@ -5,6 +5,7 @@ collective. ``restart_node``: a warm start, a new graph's worker in a process wh
 has already formed (a search's next trial on the same actors)."""
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch
@@ -15,6 +16,8 @@ from actors.exchange import Exchange, init_distributed, shutdown
 from actors.files import NodeStateFiles
 from actors.preflight import check_checkpoints, check_device, check_world_size, load_data, place_nodes, preflight
 from actors.worker import NodeWorker
+
+log = logging.getLogger("ktg")
 
 
 def start_node(cfg: RunConfig, rank: int, world_size: int, local_rank: int, init_method: str,
@@ -32,7 +35,10 @@ def start_node(cfg: RunConfig, rank: int, world_size: int, local_rank: int, init
     ``actors.exchange.shutdown`` when done with the worker."""
     if local_world_size is None:
         local_world_size = torchrun_local_world_size()
-    set_up_cpu(cfg, default_threads, device or cfg.device, local_rank, local_world_size)
+    cores = set_up_cpu(cfg, default_threads, device or cfg.device, local_rank, local_world_size)
+    if cores is not None and rank == 0:
+        log.info(f"cpus: each of the {local_world_size} node processes on this machine runs on its own cores "
+                 f"(rank 0 on {cores}); train.pin_cpus=false to leave them to the OS")
     data = preflight(cfg, world_size, device)
     if placement is None:
         placement = place_nodes(cfg, data, world_size)

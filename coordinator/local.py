@@ -62,7 +62,8 @@ def _child(cfg: RunConfig, run_dir: str, rank: int, world_size: int, port: int, 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         summary = run_node(cfg, run_dir, rank, world_size, rank, init_method=f"tcp://127.0.0.1:{port}",
-                           watch_parent=None if caller_started is not None else caller)
+                           watch_parent=None if caller_started is not None else caller,
+                           local_world_size=world_size)  # every process on this machine: pinned as torchrun's
         results.put((rank, "ok", summary))
     except BaseException as e:  # report, then exit non-zero
         results.put((rank, "error", _failure(e, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))

@@ -61,10 +61,12 @@ class RunRank:
 
 def run_node(cfg: RunConfig, run_dir: str | Path, rank: int, world_size: int, local_rank: int,
              init_method: str = "env://", config_dict: Optional[dict[str, Any]] = None,
-             watch_parent: Optional[int] = None) -> Optional[dict[str, Any]]:
+             watch_parent: Optional[int] = None, local_world_size: Optional[int] = None) -> Optional[dict[str, Any]]:
     """Run graph node ``rank`` to the end. Returns the run summary on rank 0, else None.
     ``watch_parent``: the launcher's pid (torchrun's agent, the run_local caller), read as
-    early as the process could: end this process as soon as that launcher is gone."""
+    early as the process could: end this process as soon as that launcher is gone.
+    ``local_world_size``: the node processes on this machine (``train.pin_cpus``; default
+    torchrun's ``LOCAL_WORLD_SIZE``)."""
     if watch_parent is not None:
         exit_with_parent(watch_parent, who=f"rank {rank}")
     rd = RunDir(run_dir)
@@ -73,7 +75,8 @@ def run_node(cfg: RunConfig, run_dir: str | Path, rank: int, world_size: int, lo
     else:
         rd.prepare()
     try:
-        worker = start_node(cfg, rank, world_size, local_rank, init_method, rd.node_files)
+        worker = start_node(cfg, rank, world_size, local_rank, init_method, rd.node_files,
+                            local_world_size=local_world_size)
         recorder = None
         try:
             exchange = worker.exchange

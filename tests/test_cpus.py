@@ -120,3 +120,23 @@ def test_started_processes_are_pinned_with_every_thread():
         want = cpu_slice(cores, r, 2)
         assert got[r] == [want, want, want], got[r]  # what it returned, its main thread, the thread started before
     assert not set(got[0][0]) & set(got[1][0])
+
+
+@pytest.mark.process
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else True,
+                    reason="needs two cores to pin two processes")
+def test_run_local_pins_its_node_processes_as_torchrun_does(tmp_path, capfd):
+    """``coordinator.local.run_local`` starts every process on this machine: they are pinned like
+    torchrun's (rank 0 says where), and the run is the same either way."""
+    from coordinator.local import run_local
+    from tests.helpers import small_config
+
+    cfg = small_config(["convnet", "convnet"], [["Through"] * 2] * 2,
+                       train={"epochs": 1, "batch_size": 32, "num_threads": 1, "max_steps_per_epoch": 2})
+    pinned = run_local(cfg, tmp_path / "pinned", timeout_s=300)
+    err = capfd.readouterr().err
+    assert "cpus: each of the 2 node processes on this machine runs on its own cores (rank 0 on [" in err, err[-2000:]
+    cfg.train.pin_cpus = False
+    free = run_local(cfg, tmp_path / "free", timeout_s=300)
+    assert "runs on its own cores" not in capfd.readouterr().err
+    assert pinned["target_test_acc"] == free["target_test_acc"]
