@@ -144,8 +144,3 @@ for _gate, _names in ((Through(), ("Through",)), (Cutoff(), ("Cutoff",)), (Linea
 
 def is_cutoff(name: str) -> bool:
     return isinstance(GATES.get(name), Cutoff)
-
-
-def is_correct(gate) -> bool:
-    """Is ``gate`` (a name or the function) the Correct gate?"""
-    return isinstance(GATES.get(gate) if isinstance(gate, str) else gate, Correct)

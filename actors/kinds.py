@@ -169,13 +169,31 @@ class EdgeKind:
 
 
 KINDS: Registry[type[EdgeKind]] = Registry("edge kind")
-_ORDER: list[str] = []  # registration order: the order of a multi-kind edge's sum
+_ORDER: list[str] = []  # registration order (the built-ins' order is that of their module)
+BUILTIN_MODULE = "actors.edge_kinds"
+
+
+def builtin_kinds() -> tuple[str, ...]:
+    """The built-in kinds (``actors.edge_kinds``), in the order of a multi-kind edge's sum; any
+    other kind comes after them, by its import path: the same order in every process, whatever
+    it imported before."""
+    return tuple(n for n in _ORDER if KINDS.get(n).__module__ == BUILTIN_MODULE)
+
+MODEL_OUTPUTS = ("embedding", "maps")
+"""What a node's forward can return besides its logits (``EdgeKind.uses``, ``Sendable.made_from``)."""
 
 
 def register_kind(cls: type[EdgeKind]) -> type[EdgeKind]:
     """Class decorator: register ``cls`` under ``cls.name``."""
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} has no name")
+    wrong = [u for u in cls.uses if u not in MODEL_OUTPUTS]
+    if wrong:
+        raise ConfigError(f"edge kind {cls.name}: uses {wrong}, which a node's forward does not return; it can "
+                          f"return {', '.join(MODEL_OUTPUTS)} besides its logits (own() adds anything else)")
+    if cls.sends is not None and cls.sends not in SENDABLES:
+        raise ConfigError(f"edge kind {cls.name}: sends {cls.sends!r}, which is no registered Sendable; registered: "
+                          f"{', '.join(SENDABLES.names())} (register_sendable registers another)")
     KINDS.register(cls.name)(cls)
     _ORDER.append(cls.name)
     return cls
@@ -200,34 +218,53 @@ def kind_of(name: str) -> type[EdgeKind]:
     return KINDS.get(name)
 
 
-def kind_names() -> list[str]:
-    return list(_ORDER)
+def kind_path(cls: type[EdgeKind]) -> str:
+    """The import path of a kind's class, ``package.module:Class``."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def canonical_kind(name: str) -> str:
+    """How a graph stores a kind: a built-in by its name, any other kind by its import path
+    (which a spawned process or a Ray actor imports; a bare name registered by an import
+    would be unknown there)."""
+    cls = kind_of(name)
+    if cls.name in builtin_kinds():
+        return cls.name
+    path = kind_path(cls)
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        raise ConfigError(f"edge kind {name!r} is {path}: define it at the top level of an importable module, "
+                          "so that every node process can import it by its path")
+    return path
 
 
 def cross_kinds() -> tuple[str, ...]:
-    return tuple(k for k in _ORDER if not KINDS.get(k).diagonal)
+    """The built-in kinds of cross edges (any other kind is named by its import path)."""
+    return tuple(k for k in builtin_kinds() if not KINDS.get(k).diagonal)
 
 
 def diagonal_kinds() -> tuple[str, ...]:
-    return tuple(k for k in _ORDER if KINDS.get(k).diagonal)
+    return tuple(k for k in builtin_kinds() if KINDS.get(k).diagonal)
 
 
 def searchable_kinds() -> tuple[str, ...]:
-    """The kinds a search may put on cross edges (``search.edge_kinds``)."""
-    return tuple(k for k in _ORDER if KINDS.get(k).searchable)
+    """The built-in kinds a search may put on cross edges (``search.edge_kinds``; any other kind
+    with ``searchable = True``, by its import path)."""
+    return tuple(k for k in builtin_kinds() if KINDS.get(k).searchable)
 
 
 # --- parsing graph.kinds ------------------------------------------------------------------------
 
 
 def _known() -> str:
-    return ", ".join(_ORDER) + ", or an import path package.module:Class"
+    return ", ".join(builtin_kinds()) + ", or an import path package.module:Class"
 
 
 def order_key(name: str) -> tuple[int, str]:
-    """Sort key of kind names: registration order (the built-ins first), then the name."""
+    """Sort key of kind names: the built-ins in their order, then any other kind by its import
+    path (never by what a process happened to register first)."""
     cls = kind_of(name)
-    return (_ORDER.index(cls.name), name)
+    builtins = builtin_kinds()
+    return (builtins.index(cls.name), "") if cls.name in builtins else (len(builtins), kind_path(cls))
 
 
 def parse_entry(value: Any, where: str) -> tuple[str, ...]:
@@ -246,7 +283,10 @@ def parse_entry(value: Any, where: str) -> tuple[str, ...]:
             kind_of(n)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from e
-    canonical = [n if ":" in n else KINDS.canonical(n) for n in names]
+    try:
+        canonical = [canonical_kind(n) for n in names]
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
     if len({kind_of(n).name for n in canonical}) != len(canonical):
         raise ConfigError(f"{where} names a kind twice: {value!r}")
     return tuple(sorted(canonical, key=order_key))
@@ -302,7 +342,8 @@ def edge_field(t: int, s: int) -> str:
 def parse_default_cross(value: Any) -> str:
     """``graph.loss``: the kind of every cross edge of a graph without ``graph.kinds``."""
     if not isinstance(value, str) or not (":" in value or value in KINDS):
-        raise ConfigError(f"graph.loss: unknown edge kind {value!r}; known cross-edge kinds: {', '.join(cross_kinds())}")
+        raise ConfigError(f"graph.loss: unknown edge kind {value!r}; known cross-edge kinds: {', '.join(cross_kinds())}, "
+                          "or an import path package.module:Class")
     (name,) = parse_entry(value, "graph.loss")
     if kind_of(name).diagonal:
         raise ConfigError(f"graph.loss={value!r} is a kind of the diagonal; it names the kind of every cross edge: "
@@ -322,7 +363,10 @@ def parse_kind_weights(value: Any) -> dict[str, float]:
             raise ConfigError(f"graph.kind_weights: unknown edge kind {k!r}; known: {_known()}")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
             raise ConfigError(f"graph.kind_weights.{k} must be a number >= 0; got {w!r}")
-        out[kind_of(k).name] = float(w)
+        try:
+            out[kind_of(k).name] = float(w)
+        except ConfigError as e:
+            raise ConfigError(f"graph.kind_weights: {e}") from e
     return out
 
 
@@ -342,8 +386,16 @@ def check_kinds(graph: "GraphSpec") -> None:
                         f"{edge_field(t, s)}: {kind.name} transfers {kind.knowledge} of a frozen teacher, and node {s} is "
                         f"not frozen (graph.gates[{s}] is not all Cutoff); allowed from a learning node: {allowed}")
                 kind.check_edge(graph, t, s, edge_field(t, s))
-    for name in _ORDER:
-        KINDS.get(name).check_graph(graph)
+    for t in range(graph.num_nodes):
+        apart = sorted({kind_of(k).name for s, _ in graph.incoming(t) for k in graph.edge_kinds(t, s)
+                        if kind_of(k).apart is not EdgeKind.apart})
+        if len(apart) > 1:
+            raise ConfigError(f"graph.kinds[{t}]: node {t} learns through {' and '.join(apart)}, whose losses each enter "
+                              "the update apart (their own backward); a node takes at most one such kind")
+    used = {kind_of(k) for t in range(graph.num_nodes) for s in range(graph.num_nodes) for k in graph.edge_kinds(t, s)}
+    builtins = [KINDS.get(n) for n in builtin_kinds()]
+    for kind in builtins + sorted(used - set(builtins), key=kind_path):
+        kind.check_graph(graph)
 
 
 from actors import edge_kinds  # noqa: E402,F401  (registers the built-in kinds)

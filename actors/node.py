@@ -228,6 +228,7 @@ class GraphNode:
             self.kinds.append(_KindEdges(cls(receiver, sources), graph.kind_weight(name), sources,
                                          self._index(sources) if cls.sends == "logits" else None, parts,
                                          [group_of[p] for p in positions]))
+        self.has_apart = any(k.kind.apart() for k in self.kinds)  # a loss that enters the update apart (mhgd's clip)
 
     def _index(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
@@ -364,6 +365,8 @@ class GraphNode:
             gated = self._kind_terms(k, own, delivered, labels, progress, gate_w)
             for part, value in gated:
                 terms = terms.index_add(0, part.positions, value)
+                if not self.has_apart:
+                    continue
                 if k.kind.apart():
                     apart, apart_kind = (value.sum() if apart is None else apart + value.sum()), k.kind
                 else:
@@ -386,6 +389,13 @@ class GraphNode:
             keep = [w[r] if isinstance(w := gate_w[g], torch.Tensor) else None for g, r in k.edge_groups]
         source_logits = delivered.logits[k.source_index] if k.source_index is not None else None
         value = kind.loss(EdgeBatch(own, labels, source_logits, sent, keep))
+        want = (len(k.sources), labels.shape[0]) if kind.per_sample else (len(k.sources),)
+        if tuple(value.shape) != want:  # shapes are known on the host: no sync
+            raise ValueError(f"edge kind {kind.name}: loss() returned shape {tuple(value.shape)} for {len(k.sources)} "
+                             f"edge(s) into node {self.index}; expected {want} ("
+                             + ("one value per edge and sample" if kind.per_sample else "one number per edge") + ")")
+        if value.dtype != torch.float32:  # e.g. computed under bf16 autocast: the sums run in float32
+            value = value.float()
         out = []
         for part in k.parts:
             gate = self.groups[part.group].gate

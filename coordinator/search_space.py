@@ -14,7 +14,7 @@ from typing import Any, Optional
 from actors.config import _build
 from actors.errors import ConfigError
 from actors.gates import GATES, is_cutoff
-from actors.kinds import format_entry, parse_entry, searchable_kinds
+from actors.kinds import format_entry, kind_of, parse_entry, searchable_kinds
 from actors.models import MODELS
 
 SEARCHERS = ("random", "optuna")
@@ -145,10 +145,11 @@ class SearchConfig:
             choices = []
             for i, entry in enumerate(self.edge_kinds):
                 kinds = parse_entry(entry, f"search.edge_kinds[{i}]")
-                wrong = [k for k in kinds if k not in searchable_kinds()]
+                wrong = [kind_of(k).name for k in kinds if not kind_of(k).searchable]
                 if wrong:
                     raise ConfigError(f"search.edge_kinds[{i}]: {', '.join(wrong)} cannot be searched; allowed: "
-                                      f"{', '.join(searchable_kinds())} (joined by '+' for several on one edge)")
+                                      f"{', '.join(searchable_kinds())}, or a kind with searchable = True by its import "
+                                      "path (joined by '+' for several on one edge)")
                 choices.append(format_entry(kinds))
             if len(set(choices)) != len(choices):
                 raise ConfigError(f"search.edge_kinds lists a choice twice: {choices}")

@@ -98,3 +98,78 @@ def test_a_group_trained_with_a_kind_registered_here_equals_the_single_process_r
     untouched = [make_node(i, cfg.graph, num_classes=10).model.state_dict() for i in range(2)]
     assert all(not torch.equal(untouched[i][k], ref[i].model.state_dict()[k]) for i in range(2)
                for k in list(untouched[i])[:1])  # both learned
+
+
+# --- what a graph stores, and the same order in every process ---------------------------------------------
+
+PLUG = "tests.plugin_kinds"
+
+
+@pytest.mark.unit
+def test_a_kind_named_by_its_registered_name_is_stored_by_its_import_path():
+    kind_of(f"{PLUG}:Zeta"), kind_of(f"{PLUG}:Alpha")  # registered by name (the fixture drops them after the test)
+
+    g = GraphSpec(nodes=["convnet", "convnet"], gates=[[T, T], [T, T]], kinds="kl+plugin_alpha",
+                  kind_weights={"plugin_alpha": 2.0})
+    assert g.edge_kinds(0, 1) == ("kl", f"{PLUG}:Alpha")  # what a spawned process can import
+    assert g.kind_weight(f"{PLUG}:Alpha") == 2.0
+    builtin = GraphSpec(nodes=["convnet", "convnet"], gates=[[T, T], [T, T]], kinds="actors.edge_kinds:KL")
+    assert builtin.kinds is None  # a built-in named by its path is the built-in: the default graph
+
+
+@pytest.mark.unit
+def test_several_kinds_on_an_edge_sum_in_one_order_whatever_was_registered_first():
+    """Zeta registers before Alpha, and a process may meet them in any order: the sum's order is
+    the built-ins', then the import paths' (Alpha before Zeta), everywhere."""
+    kind_of(f"{PLUG}:Zeta"), kind_of(f"{PLUG}:Alpha")
+    for entry in (f"{PLUG}:Zeta+kl+{PLUG}:Alpha", f"plugin_alpha+{PLUG}:Zeta+kl"):
+        g = GraphSpec(nodes=["convnet", "convnet"], gates=[[T, T], [T, T]], kinds=entry)
+        assert g.edge_kinds(0, 1) == ("kl", f"{PLUG}:Alpha", f"{PLUG}:Zeta")
+    node = make_node(0, g)
+    assert [k.kind.name for k in node.kinds] == ["ce", "kl", "plugin_alpha", "plugin_zeta"]
+
+
+@pytest.mark.unit
+def test_a_built_in_kind_named_by_its_path_still_runs_its_checks():
+    with pytest.raises(ConfigError, match=r"graph.kinds\[0\]\[0\] has self \(self-distillation\), which needs "
+                                          r"graph.nodes\[0\].self_checkpoint"):
+        GraphSpec(nodes=["convnet", "convnet"], gates=[[T, T], [T, T]],
+                  kinds=[["ce+actors.edge_kinds:SelfDistillation", "kl"], ["kl", "ce"]])
+
+
+@pytest.mark.unit
+def test_kinds_a_node_cannot_take_are_refused_before_training():
+    g = dict(nodes=["convnet", "convnet", "convnet"], gates=[[T, T, T], [T, T, T], [T, T, T]])
+    with pytest.raises(ConfigError, match=r"graph.kinds\[0\]: node 0 learns through mhgd and plugin_apart, whose losses "
+                                          r"each enter the update apart"):
+        frozen = {"model": "resnet20", "checkpoint": "t.pt", "attention": "a.pt"}
+        GraphSpec(nodes=["resnet20", "convnet", frozen], gates=[[T, T, T], [T, T, T], ["Cutoff"] * 3],
+                  kinds=[["ce", f"{PLUG}:Apart", "mhgd"], ["kl", "ce", "kl"], ["kl", "kl", "ce"]])
+    with pytest.raises(ConfigError, match=r"graph.kind_weights: edge kind 'nowhere.mod:K': cannot import K"):
+        GraphSpec(**g, kind_weights={"nowhere.mod:K": 1.0})
+    with pytest.raises(ConfigError, match=r"graph.loss: unknown edge kind 'l3'; known cross-edge kinds: .* or an import path"):
+        GraphSpec(**g, loss="l3")
+
+
+@pytest.mark.unit
+def test_a_kinds_loss_of_the_wrong_shape_is_named_and_another_dtype_is_taken_as_float32():
+    torch.manual_seed(0)
+    logits, all_logits, y = torch.randn(4, 3, requires_grad=True), torch.randn(2, 4, 3), torch.tensor([0, 1, 2, 0])
+    wrong = make_node(0, GraphSpec(nodes=["convnet", "convnet"], gates=[[T, T], [T, T]], kinds=f"{PLUG}:WrongShape"))
+    with pytest.raises(ValueError, match=r"edge kind plugin_wrong_shape: loss\(\) returned shape \(1,\) for 1 edge\(s\) "
+                                         r"into node 0; expected \(1, 4\) \(one value per edge and sample\)"):
+        node_loss(wrong, logits, all_logits, y, 0.5)
+    half = make_node(0, GraphSpec(nodes=["convnet", "convnet"], gates=[[T, T], [T, T]], kinds=f"{PLUG}:Half"))
+    total, terms, _ = node_loss(half, logits, all_logits, y, 0.5)
+    assert total.dtype == torch.float32 and terms.dtype == torch.float32
+
+
+@pytest.mark.unit
+def test_a_search_may_put_a_searchable_kind_named_by_its_path_on_its_edges():
+    from coordinator.search_space import SearchConfig
+
+    space = SearchConfig(num_nodes=2, target_model="convnet", zoo=["convnet"], frozen="exclude",
+                         edge_kinds=["kl", f"kl+{PATH}"])
+    assert space.edge_kinds == ["kl", f"kl+{PATH}"]
+    with pytest.raises(ConfigError, match=r"search.edge_kinds\[0\]: plugin_half cannot be searched"):
+        SearchConfig(num_nodes=2, target_model="convnet", zoo=["convnet"], frozen="exclude", edge_kinds=[f"{PLUG}:Half"])
