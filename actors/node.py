@@ -119,6 +119,7 @@ class _KindEdges:
     source_index: Optional[torch.Tensor]  # for a kind that reads the sources' logits
     parts: list[_Part]
     edge_groups: list[tuple[int, int]]    # per edge of the kind: (group, row in the group)
+    apart: bool = False                   # its loss enters the update apart (kind.apart(), fixed for the run)
 
 
 class GraphNode:
@@ -204,9 +205,10 @@ class GraphNode:
         self.groups = [_GateGroup(GATES.get(g), ps, None if diag else self._index([self.edges[p][0] for p in ps]))
                        for (g, diag), ps in keys.items()]
         group_of = {p: (i, r) for i, grp in enumerate(self.groups) for r, p in enumerate(grp.positions)}
-        # the concatenated groups' rows back in edge order (the gate weights of every edge, in one index)
+        # the concatenated groups' rows back in edge order (the gate weights of every edge, in one
+        # index; None when they are in edge order already)
         order = [p for grp in self.groups for p in grp.positions]
-        self.weight_order = self._index([order.index(p) for p in range(len(self.edges))])
+        self.weight_order = None if order == sorted(order) else self._index([order.index(p) for p in range(len(order))])
         by_kind: dict[str, list[int]] = {}
         for p, (s, _, _) in enumerate(self.edges) if not self.frozen else ():
             for name in graph.edge_kinds(self.index, s):
@@ -225,10 +227,11 @@ class GraphNode:
                     parts.append(_Part(i, None if kind_rows == list(range(len(positions))) else self._index(kind_rows),
                                        None if group_rows == list(range(len(grp.positions))) else self._index(group_rows),
                                        self._index([p for _, p in mine])))
-            self.kinds.append(_KindEdges(cls(receiver, sources), graph.kind_weight(name), sources,
+            kind = cls(receiver, sources)
+            self.kinds.append(_KindEdges(kind, graph.kind_weight(name), sources,
                                          self._index(sources) if cls.sends == "logits" else None, parts,
-                                         [group_of[p] for p in positions]))
-        self.has_apart = any(k.kind.apart() for k in self.kinds)  # a loss that enters the update apart (mhgd's clip)
+                                         [group_of[p] for p in positions], kind.apart()))
+        self.has_apart = any(k.apart for k in self.kinds)  # a loss that enters the update apart (mhgd's clip)
 
     def _index(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
@@ -357,8 +360,9 @@ class GraphNode:
         n = len(self.edges)
         gate_w = [g.gate.weights(None if g.sources is None or not g.gate.reads_sources else delivered.logits[g.sources],
                                  labels, progress) for g in self.groups]
-        weights = torch.cat([g.gate.mean_weight(w, like, len(g.positions)) for g, w in zip(self.groups, gate_w)])
-        weights = weights[self.weight_order].detach()
+        means = [g.gate.mean_weight(w, like, len(g.positions)) for g, w in zip(self.groups, gate_w)]
+        weights = means[0] if len(means) == 1 else torch.cat(means)
+        weights = (weights if self.weight_order is None else weights[self.weight_order]).detach()
         terms = like.new_zeros(n)
         task = apart = apart_kind = None
         for k in self.kinds:
@@ -367,7 +371,7 @@ class GraphNode:
                 terms = terms.index_add(0, part.positions, value)
                 if not self.has_apart:
                     continue
-                if k.kind.apart():
+                if k.apart:
                     apart, apart_kind = (value.sum() if apart is None else apart + value.sum()), k.kind
                 else:
                     task = (like.new_zeros(n) if task is None else task).index_add(0, part.positions, value)
